@@ -1,0 +1,289 @@
+"""One typed configuration object, from the command line to every stage.
+
+`FunnelConfig` holds one dataclass per stage. It is loaded from YAML
+(`configs/tiny.yaml`, `small.yaml`, `large.yaml`), overridden from the command
+line with `--set section.key=value`, validated strictly (an unknown key or a
+wrong type is an error naming the key), and logged to MLflow as flat params
+(`flatten(asdict(cfg))`). Later stages add fields here, never `**kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+@dataclass
+class WorldConfig:
+    """The simulator's ground-truth world (pipeline/simulator.py).
+
+    The same world generates the training logs and answers the simulated A/B
+    test, so a model that learns it better wins the A/B.
+    """
+
+    seed: int = 7
+    num_users: int = 300
+    num_items: int = 500
+    num_categories: int = 8
+    brands_per_category: int = 4
+    latent_dim: int = 16
+    zipf_s: float = 1.1  # item popularity exponent
+    new_item_frac: float = 0.3  # items that arrive after the log start (cold start)
+    new_user_frac: float = 0.5  # users who register during the horizon
+    log_days: int = 30  # the log horizon
+    ab_days: int = 7  # the A/B horizon after it
+    start_ts: int = 1_700_006_400  # 2023-11-15 00:00 UTC, the log start
+    activity_alpha: float = 1.5  # Pareto (continuous Zipf) exponent of active days
+    sessions_per_day: float = 1.0  # 1 + Poisson(this)
+    requests_per_session: float = 2.0  # 1 + Poisson(this)
+    slate_size: int = 10
+    policy_popular: float = 0.4  # logging-policy slate mix; the rest is uniform
+    policy_interest: float = 0.4
+    base_logit: float = -4.5  # a0: sets the base CTR (~9% with the defaults)
+    affinity_scale: float = 1.0  # gamma: how learnable the world is
+    item_bias_scale: float = 0.5  # weight of the standardised log-Zipf item bias
+    position_bias: float = 0.15  # logit drop per slate position
+    noise_click_prob: float = 0.05  # epsilon: a request also yields a noise click
+    short_stay_prob: float = 0.8  # short-term interest Markov chain
+    short_epoch_hours: int = 4  # the chain steps once per epoch
+    users_per_block: int = 2000  # generation unit; fixed so output is independent of parallelism
+
+
+@dataclass
+class DataConfig:
+    """Ingest: readers, validation, vocabularies, splits, examples."""
+
+    source: Literal["simulator", "movielens", "movielens1m", "taobao", "parquet"] = "simulator"
+    input: str = ""  # path for file sources
+    output: str = "data/processed/tiny"
+    column_map: dict[str, str] = field(default_factory=dict)  # generic reader: canonical -> input column
+    extra_event_kinds: list[str] = field(default_factory=lambda: ["buy", "cart", "fav"])
+    require_item_metadata: bool = True
+    max_ts: int = 0  # far-future cut-off; 0 = now + 1 day at run time
+    min_ts: int = 0  # timestamps before this are out of range
+    val_frac: float = 0.1  # of the time range, by time, never by rows
+    test_frac: float = 0.1
+    min_count: int = 1  # vocabulary: ids seen fewer times in train become OOV
+    long_len: int = 200
+    short_len: int = 20
+    title_len: int = 12
+    max_hard_negatives: int = 8
+    num_negatives: int = 4  # sampled per click when the log has no impressions
+    negative_sampling: Literal["uniform", "popularity"] = "popularity"
+    ctr_prior_strength: float = 20.0  # smoothing of past-only click-through rates
+    num_partitions: int = 8  # Ray Data shuffle partitions
+    progress: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train; each model's own typed config lives in models/."""
+
+    name: str = "cdnet"
+    embed_dim: int = 16
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    num_workers: int = 1
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    seed: int = 0
+    max_failures: int = 1
+    patience: int = 2
+    storage_path: str = "runs/ray"
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 4
+    max_concurrent: int = 2
+    grace_period: int = 1
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    retrieve_top_n: int = 500
+    prerank_top_m: int = 100
+    rank_top_k: int = 10
+    replica_cpus: float = 0.25
+
+
+@dataclass
+class ABTestConfig:
+    num_users: int = 500
+    requests_per_user: int = 4
+    salt: str = "funnel-ab"
+    arms: dict[str, int] = field(default_factory=lambda: {"control": 50, "treatment": 50})
+    alpha: float = 0.05
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: a SQLite file and a local artifact folder unless configured."""
+
+    uri: str = "sqlite:///runs/mlflow.db"
+    artifact_location: str = "runs/mlartifacts"
+    experiment: str = "funnel"
+
+
+@dataclass
+class FunnelConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    abtest: ABTestConfig = field(default_factory=ABTestConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- strict conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert `value` against the annotation `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_convert(k, k_tp, f"{key}.<key>"): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")  # a schema bug, not user input
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; known: {', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("column_map", "arms"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` → {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {e}") from e
+    node: dict[str, Any] = {parts[-1]: value}
+    for p in reversed(parts[:-1]):
+        node = {p: node}
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FunnelConfig:
+    """Load a YAML config (or the defaults), apply `--set` overrides, validate strictly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded
+    for o in overrides or []:
+        data = _merge(data, parse_override(o))
+    return _from_dict(FunnelConfig, data, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict → {"section.key": value}, the form logged as MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

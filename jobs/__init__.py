@@ -1,0 +1,1 @@
+"""Entry points for `python -m jobs.<name>` and `ray job submit`."""

@@ -1,0 +1,35 @@
+"""What every job shares: config flags, Ray start-up inside the sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from configs import FunnelConfig, load_config
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/small.yaml", help="YAML config (configs/tiny|small|large.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set world.num_users=5000 (repeatable)")
+    return p
+
+
+def load(args: argparse.Namespace) -> FunnelConfig:
+    return load_config(args.config, args.overrides)
+
+
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (ray job submit sets it), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+        if object_store_memory:
+            kwargs["object_store_memory"] = object_store_memory
+    ray.init(**kwargs)

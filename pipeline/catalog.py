@@ -1,0 +1,207 @@
+"""The catalogue side of ingest (driver-side, catalogue-sized): items, users, vocabularies.
+
+Dense keys address every item and user the run knows (1..N; 0 = padding);
+vocabulary ids (`*_idx`) are what embeddings see: train-period values seen
+`min_count` times, everything else OOV (pipeline/vocab.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.examples import smoothed_ctr
+from pipeline.vocab import Vocab, encode_titles, tokenize
+
+ITEM_FIELDS = ("item_idx", "cat_idx", "brand_idx")
+_PROFILE_SKIP = {"user_id", "registered_ts", "reject_reason"}
+
+
+@dataclass
+class Catalog:
+    items: pd.DataFrame  # item_key, item_id, item_idx, cat_idx, brand_idx, title, title_tokens, first_seen_ts, ...
+    users: pd.DataFrame  # user_key, user_id, user_idx, u_<profile>_idx ...
+    item_index: pd.Index  # raw item id -> key - 1
+    user_index: pd.Index
+    vocabs: dict[str, list]
+    profile_fields: list[str]
+    title_len: int
+    vocab_sizes: dict[str, int]
+
+    def item_keys(self, raw) -> np.ndarray:
+        return self.item_index.get_indexer(pd.Index(raw)) + 1  # 0 where unknown
+
+    def user_keys(self, raw) -> np.ndarray:
+        return self.user_index.get_indexer(pd.Index(raw)) + 1
+
+    def weights_by_key(self, counts: pd.Series) -> np.ndarray:
+        w = np.zeros(len(self.items) + 1)
+        keys = self.item_keys(counts.index)
+        ok = keys > 0
+        w[keys[ok]] = counts.to_numpy()[ok]
+        return w
+
+
+def build_catalog(
+    items: pd.DataFrame,
+    users: pd.DataFrame,
+    event_item_ids: np.ndarray,
+    event_user_ids: np.ndarray,
+    item_counts: pd.Series,
+    user_counts: pd.Series,
+    min_count: int,
+    title_len: int,
+) -> Catalog:
+    """Keys over catalogue ∪ log ids; vocabularies from train-period counts."""
+    extra_items = pd.Index(event_item_ids).difference(pd.Index(items["item_id"]))
+    if len(extra_items):  # only possible when item metadata is not required
+        items = pd.concat(
+            [items, pd.DataFrame({"item_id": extra_items, "category": "unknown", "brand": "unknown", "title": "", "first_seen_ts": -1})],
+            ignore_index=True,
+        )
+    items = items.reset_index(drop=True).copy()
+    items.insert(0, "item_key", np.arange(1, len(items) + 1, dtype=np.int64))
+    item_vocab = Vocab.from_counts(item_counts, min_count)
+    items["item_idx"] = item_vocab.lookup(items["item_id"])
+    cat_vocab = Vocab.from_values(items["category"].astype(str))
+    brand_vocab = Vocab.from_values(items["brand"].astype(str))
+    items["cat_idx"] = cat_vocab.lookup(items["category"].astype(str))
+    items["brand_idx"] = brand_vocab.lookup(items["brand"].astype(str))
+    toks = tokenize(items["title"].fillna(""))
+    word_counts = pd.Series([w for t in toks for w in t], dtype=object).value_counts()
+    word_vocab = Vocab.from_counts(word_counts, 1)
+    items["title_tokens"] = list(encode_titles(toks, word_vocab, title_len))
+    items["first_seen_ts"] = pd.to_numeric(items["first_seen_ts"], errors="coerce").fillna(-1).astype(np.int64)
+
+    extra_users = pd.Index(event_user_ids).difference(pd.Index(users["user_id"]))
+    if len(extra_users):
+        users = pd.concat([users, pd.DataFrame({"user_id": extra_users})], ignore_index=True)
+    users = users.reset_index(drop=True).copy()
+    users.insert(0, "user_key", np.arange(1, len(users) + 1, dtype=np.int64))
+    user_vocab = Vocab.from_counts(user_counts, min_count)
+    users["user_idx"] = user_vocab.lookup(users["user_id"])
+    profile = [c for c in users.columns if c not in _PROFILE_SKIP | {"user_key", "user_idx"}]
+    vocabs = {"category": cat_vocab.to_list(), "brand": brand_vocab.to_list(), "title_word": word_vocab.to_list()}
+    for c in profile:
+        v = Vocab.from_values(users[c].astype(str))
+        users[f"u_{c}_idx"] = v.lookup(users[c].astype(str))
+        vocabs[f"user.{c}"] = v.to_list()
+    return Catalog(
+        items=items,
+        users=users,
+        item_index=pd.Index(items["item_id"]),
+        user_index=pd.Index(users["user_id"]),
+        vocabs=vocabs,
+        profile_fields=[f"u_{c}_idx" for c in profile],
+        title_len=title_len,
+        vocab_sizes={
+            "item_idx": item_vocab.size,
+            "user_idx": user_vocab.size,
+            "cat_idx": cat_vocab.size,
+            "brand_idx": brand_vocab.size,
+            "title_word": word_vocab.size,
+            **{f"u_{c}_idx": len(vocabs[f"user.{c}"]) + 2 for c in profile},
+        },
+    )
+
+
+@dataclass
+class FeatureTables:
+    """Key-indexed arrays that `finalize` needs on workers (small, shipped once)."""
+
+    item_idx: np.ndarray
+    cat_idx: np.ndarray
+    brand_idx: np.ndarray
+    first_seen: np.ndarray
+    title_tokens: np.ndarray  # (n_items + 1, title_len)
+    user_idx: np.ndarray
+    profile: dict[str, np.ndarray]
+
+    @classmethod
+    def from_catalog(cls, cat: Catalog) -> FeatureTables:
+        def by_key(frame: pd.DataFrame, key: str, col: str, dtype=np.int32) -> np.ndarray:
+            out = np.zeros(len(frame) + 1, dtype=dtype)
+            out[frame[key].to_numpy()] = frame[col].to_numpy()
+            return out
+
+        tt = np.zeros((len(cat.items) + 1, cat.title_len), dtype=np.int32)
+        tt[cat.items["item_key"].to_numpy()] = np.stack(cat.items["title_tokens"].to_numpy()) if len(cat.items) else 0
+        return cls(
+            item_idx=by_key(cat.items, "item_key", "item_idx"),
+            cat_idx=by_key(cat.items, "item_key", "cat_idx"),
+            brand_idx=by_key(cat.items, "item_key", "brand_idx"),
+            first_seen=by_key(cat.items, "item_key", "first_seen_ts", np.int64),
+            title_tokens=tt,
+            user_idx=by_key(cat.users, "user_key", "user_idx"),
+            profile={f: by_key(cat.users, "user_key", f) for f in cat.profile_fields},
+        )
+
+
+RANKING_COLUMNS = [
+    "label", "ts", "request_id", "user_key", "item_key", "user_idx", "item_idx", "cat_idx", "brand_idx",
+    "position", "hour", "dow", "hist_end", "seq_len_long", "seq_len_short",
+    "user_active_days_7", "user_active_days_30", "user_exposures_before", "user_clicks_before", "user_ctr",
+    "item_exposures_before", "item_clicks_before", "item_ctr", "item_age_days", "is_sampled_negative",
+]  # + profile fields + split
+
+
+def finalize(df: pd.DataFrame, ft: FeatureTables, prior: float, strength: float, long_len: int, short_len: int,
+             n_hard: int) -> pd.DataFrame:
+    """Exposure rows with counters → the ranking-example schema (vocab ids, context, rates)."""
+    from pipeline.examples import numpy_frame
+
+    df = numpy_frame(df)
+    ik, uk, ts = df["item_key"].to_numpy(), df["user_key"].to_numpy(), df["ts"].to_numpy()
+    pos = df["position"].to_numpy()
+    out = pd.DataFrame(
+        {
+            "label": df["label"].to_numpy().astype(np.int8),
+            "ts": ts.astype(np.int64),
+            "request_id": df["request_id"].to_numpy().astype(np.int64),
+            "user_key": uk.astype(np.int64),
+            "item_key": ik.astype(np.int64),
+            "user_idx": ft.user_idx[uk],
+            "item_idx": ft.item_idx[ik],
+            "cat_idx": ft.cat_idx[ik],
+            "brand_idx": ft.brand_idx[ik],
+            "position": np.where(pos >= 0, pos + 1, 0).astype(np.int32),
+            "hour": ((ts // 3600) % 24).astype(np.int32),
+            "dow": ((ts // 86_400 + 3) % 7).astype(np.int32),
+            "hist_end": df["hist_end"].to_numpy().astype(np.int64),
+            "seq_len_long": np.minimum(df["hist_end"].to_numpy(), long_len).astype(np.int32),
+            "seq_len_short": np.minimum(df["hist_end"].to_numpy(), short_len).astype(np.int32),
+        }
+    )
+    for c in ("user_active_days_7", "user_active_days_30", "user_exposures_before", "user_clicks_before",
+              "item_exposures_before", "item_clicks_before"):
+        out[c] = df[c].to_numpy().astype(np.int32)
+    out["user_ctr"] = smoothed_ctr(out["user_clicks_before"].to_numpy(), out["user_exposures_before"].to_numpy(), prior, strength)
+    out["item_ctr"] = smoothed_ctr(out["item_clicks_before"].to_numpy(), out["item_exposures_before"].to_numpy(), prior, strength)
+    fs = ft.first_seen[ik]
+    out["item_age_days"] = np.where(fs >= 0, np.maximum(ts - fs, 0) / 86_400.0, -1.0).astype(np.float32)
+    out["is_sampled_negative"] = (df["event"].to_numpy() == "sampled_negative").astype(np.int8)
+    for f, arr in ft.profile.items():
+        out[f] = arr[uk]
+    out["split"] = df["split"].to_numpy()
+    out["click_ts"] = df["click_ts"].to_numpy().astype(np.int64)  # label time: feeds clicks/, never a feature
+    hard = np.stack([df[f"hard_neg_{j}"].to_numpy() for j in range(n_hard)], axis=1) if n_hard else np.zeros((len(df), 0))
+    out["n_hard"] = (hard > 0).sum(axis=1).astype(np.int32)
+    for j in range(n_hard):
+        out[f"hard_neg_{j}"] = hard[:, j].astype(np.int64)
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    raise TypeError(type(o))
