@@ -117,23 +117,29 @@ def _group_start(g_sorted: np.ndarray, g_q: np.ndarray) -> np.ndarray:
 
 def _pair_clicks(ev: pd.DataFrame, window: int) -> tuple[np.ndarray, np.ndarray]:
     """Row index of the impression each click pairs with (-1: none), and whether the
-    click is the first of that impression (later clicks on it merge into it)."""
+    click is the first of that impression (later clicks on it merge into it).
+
+    The impression is the latest one at or before the click with the same (user,
+    item, request); a click without a request id takes the latest impression of
+    the same (user, item) at most `window` seconds earlier."""
     clicks = ev[ev["kind"] == 1]
     imps = ev[ev["kind"] == 0]
     target = pd.Series(-1, index=clicks.index, dtype=np.int64)
-    with_req = clicks["request_id"] >= 0
-    if with_req.any():
-        ir = imps[imps["request_id"] >= 0].reset_index().drop_duplicates(["user_key", "request_id", "item_key"])
-        m = clicks[with_req].reset_index().merge(
-            ir[["user_key", "request_id", "item_key", "index"]].rename(columns={"index": "imp"}),
-            on=["user_key", "request_id", "item_key"],
-            how="left",
+    with_req = (clicks["request_id"] >= 0).to_numpy()
+    cols = ["user_key", "item_key", "request_id", "ts"]
+    c_all = clicks.reset_index()[["index", *cols]]
+    i_all = imps.reset_index()[["index", *cols]].rename(columns={"index": "imp"})
+    for use_req in (True, False):
+        c = c_all[with_req if use_req else ~with_req].sort_values("ts")
+        i = i_all[i_all["request_id"] >= 0] if use_req else i_all
+        if len(c) == 0 or len(i) == 0:
+            continue
+        by = ["user_key", "item_key", "request_id"] if use_req else ["user_key", "item_key"]
+        m = pd.merge_asof(
+            c.drop(columns=[] if use_req else ["request_id"]),
+            i.sort_values("ts").drop(columns=[] if use_req else ["request_id"]),
+            on="ts", by=by, direction="backward", tolerance=None if use_req else window,
         )
-        target.loc[m["index"].to_numpy()] = m["imp"].fillna(-1).astype(np.int64).to_numpy()
-    if (~with_req).any() and len(imps):
-        c = clicks[~with_req].reset_index()[["index", "user_key", "item_key", "ts"]].sort_values("ts")
-        i = imps.reset_index()[["index", "user_key", "item_key", "ts"]].rename(columns={"index": "imp"}).sort_values("ts")
-        m = pd.merge_asof(c, i, on="ts", by=["user_key", "item_key"], direction="backward", tolerance=window)
         target.loc[m["index"].to_numpy()] = m["imp"].fillna(-1).astype(np.int64).to_numpy()
     tgt = target.to_numpy()
     first = np.ones(len(tgt), dtype=bool)
@@ -234,6 +240,9 @@ def annotate_user_events(df: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
     exp = ev[x]
     u, t = exp["user_key"].to_numpy(), exp["ts"].to_numpy()
     clk = exp[exp["label"] == 1]
+    # Counters count logged events only: a sampled negative exists because of a click
+    # that may come after its ts, so counting it would leak the future.
+    logged = (exp["event"] != "sampled_negative").to_numpy()
     n = len(ev)
 
     def put(values: np.ndarray, dtype=np.int64) -> np.ndarray:
@@ -244,7 +253,7 @@ def annotate_user_events(df: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
     hist_end = count_before(clk["user_key"].to_numpy(), clk["click_ts"].to_numpy(), u, t)
     ev["hist_end"] = put(hist_end)
     ev["user_clicks_before"] = ev["hist_end"]
-    ev["user_exposures_before"] = put(count_before(u, t, u, t))
+    ev["user_exposures_before"] = put(count_before(u[logged], t[logged], u, t))
     act = ev[~ev["dup"] & (ev["event"] != "sampled_negative")]
     g_ev, t_ev = act["user_key"].to_numpy(), act["ts"].to_numpy()
     ev["user_active_days_7"] = put(distinct_days_between(g_ev, t_ev, u, t - 7 * DAY, t))
@@ -281,7 +290,8 @@ def item_counters(df: pd.DataFrame) -> pd.DataFrame:
     out = numpy_frame(df).copy()
     g, t = out["item_key"].to_numpy(), out["ts"].to_numpy()
     lab = out["label"].to_numpy() == 1
-    out["item_exposures_before"] = count_before(g, t, g, t)
+    logged = (out["event"] != "sampled_negative").to_numpy()  # see annotate_user_events
+    out["item_exposures_before"] = count_before(g[logged], t[logged], g, t)
     out["item_clicks_before"] = count_before(g[lab], out["click_ts"].to_numpy()[lab], g, t)
     return out
 

@@ -119,7 +119,10 @@ def generate_block(world: World, block: int) -> pd.DataFrame:
     noise_slot = rng.integers(0, S, size=R)
     forced = np.zeros((R, S), dtype=bool)
     forced[np.nonzero(noise_req)[0], noise_slot[noise_req]] = True
-    items[forced] = world.sample_uniform(ts[noise_req], rng.random(int(noise_req.sum())))
+    noise_item = np.full(R, -3, dtype=items.dtype)
+    noise_item[noise_req] = world.sample_uniform(ts[noise_req], rng.random(int(noise_req.sum())))
+    items[forced] = noise_item[noise_req]
+    items[(items == noise_item[:, None]) & ~forced] = -1  # the noise slot replaces any other copy
 
     shown = items >= 0
     rr = np.nonzero(shown)[0]

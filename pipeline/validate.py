@@ -44,9 +44,9 @@ class EventRules:
 
 
 def _missing(s: pd.Series) -> np.ndarray:
-    m = s.isna().to_numpy()
+    m = s.isna().to_numpy().copy()
     if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
-        m |= s.astype(str).str.strip().isin(["", "nan", "None", "NaN", "<NA>"]).to_numpy()
+        m = m | s.astype(str).str.strip().isin(["", "nan", "None", "NaN", "<NA>"]).to_numpy()
     return m
 
 

@@ -1,0 +1,41 @@
+"""Shared fixtures. Ray starts once per session, inside pytest's temp folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from configs import FunnelConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> FunnelConfig:
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """A real local Ray cluster for the whole session (2 CPUs, small object store)."""
+    tmp = tmp_path_factory.mktemp("ray")
+    os.environ.setdefault("RAY_TMPDIR", str(tmp))
+    os.environ.setdefault("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "sort_shuffle_pull_based")
+    import ray
+    from ray.data import DataContext
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=300_000_000,
+        include_dashboard=False,
+        _temp_dir=str(tmp),
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.shuffle_strategy = "sort_shuffle_pull_based"
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,65 @@
+import pytest
+
+from configs import ConfigError, FunnelConfig, flatten, load_config, to_dict
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "large"])
+def test_presets_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, FunnelConfig)
+    assert cfg.data.source == "simulator"
+
+
+def test_override_sets_nested_value():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["world.num_users=5000", "data.negative_sampling=uniform"])
+    assert cfg.world.num_users == 5000
+    assert cfg.data.negative_sampling == "uniform"
+
+
+def test_unknown_key_names_the_key_and_suggests():
+    with pytest.raises(ConfigError, match=r"world\.num_user'.*did you mean world\.num_users"):
+        load_config(None, ["world.num_user=5"])
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        load_config(None, ["nope.x=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("world.num_users=many", r"world\.num_users: expected an integer"),
+        ("world.num_users=1.5", r"world\.num_users: expected an integer"),
+        ("data.progress=3", r"data\.progress: expected true/false"),
+        ("data.source=kafka", r"data\.source: 'kafka' is not one of"),
+        ("data.extra_event_kinds=buy", r"data\.extra_event_kinds: expected a list"),
+    ],
+)
+def test_wrong_types_are_errors_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        load_config(None, ["world.num_users"])
+
+
+def test_yaml_unknown_key_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  sourse: simulator\n")
+    with pytest.raises(ConfigError, match=r"data\.sourse.*did you mean data\.source"):
+        load_config(p)
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("world: 3\n")
+    with pytest.raises(ConfigError, match="world: expected a mapping for section WorldConfig"):
+        load_config(p)
+
+
+def test_flatten_is_what_mlflow_logs():
+    flat = flatten(to_dict(FunnelConfig()))
+    assert flat["world.num_users"] == 300
+    assert flat["abtest.arms.control"] == 50
+    assert all("." in k for k in flat)
