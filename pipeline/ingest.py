@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from configs import FunnelConfig, flatten, to_dict
 from pipeline.catalog import Catalog, FeatureTables, build_catalog, finalize, write_json
@@ -138,15 +140,18 @@ def _dup_rejects(df: pd.DataFrame) -> pd.DataFrame:
     return rejects_frame(d, "events")
 
 
-def _retrieval(df: pd.DataFrame, ft: FeatureTables, n_hard: int, profile: list[str]) -> pd.DataFrame:
+def _retrieval(df: pd.DataFrame, ft: FeatureTables, n_hard: int, profile: list[str]) -> pa.Table:
+    """Click rows → retrieval examples; `hard_negs` and `target_title` as plain Arrow list
+    columns (portable Parquet, not Ray's tensor extension type)."""
     df = numpy_frame(df)
     c = df[df["label"] == 1]
     cols = ["ts", "request_id", "user_key", "user_idx", "item_key", "item_idx", "cat_idx", "brand_idx",
             "hist_end", "seq_len_long", "seq_len_short", "n_hard", *profile, "split"]
-    out = c[cols].copy()
-    out["hard_negs"] = list(np.stack([c[f"hard_neg_{j}"].to_numpy() for j in range(n_hard)], 1)) if n_hard else [[]] * len(c)
-    out["target_title"] = list(ft.title_tokens[c["item_key"].to_numpy()])
-    return out
+    table = pa.Table.from_pandas(c[cols].reset_index(drop=True), preserve_index=False)
+    hard = np.stack([c[f"hard_neg_{j}"].to_numpy(np.int64) for j in range(n_hard)], 1) if n_hard else np.zeros((len(c), 0), np.int64)
+    title = ft.title_tokens[c["item_key"].to_numpy()].astype(np.int32)
+    table = table.append_column("hard_negs", pa.FixedSizeListArray.from_arrays(pa.array(hard.ravel()), n_hard))
+    return table.append_column("target_title", pa.FixedSizeListArray.from_arrays(pa.array(title.ravel()), title.shape[1]))
 
 
 def _ranking(df: pd.DataFrame, n_hard: int) -> pd.DataFrame:
@@ -185,7 +190,8 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
     fin = finalize(p2, ft, prior, d.ctr_prior_strength, d.long_len, d.short_len, d.max_hard_negatives)
     fin = fin.sort_values(["ts", "user_key", "item_key", "request_id"], kind="stable").reset_index(drop=True)
     _ranking(fin, d.max_hard_negatives).to_parquet(out / "ranking", partition_cols=["split"], index=False)
-    _retrieval(fin, ft, d.max_hard_negatives, cat.profile_fields).to_parquet(out / "retrieval", partition_cols=["split"], index=False)
+    pq.write_to_dataset(_retrieval(fin, ft, d.max_hard_negatives, cat.profile_fields), out / "retrieval",
+                        partition_cols=["split"])
     (out / "clicks").mkdir()
     _clicks(fin).to_parquet(out / "clicks" / "part-0.parquet", index=False)
     all_rejects = pd.concat([rejected, dups], ignore_index=True)

@@ -50,6 +50,25 @@ def _missing(s: pd.Series) -> np.ndarray:
     return m
 
 
+def normalize_ids(s: pd.Series) -> np.ndarray:
+    """Ids as canonical strings, whatever the source typed them as: 42, 42.0 and " 42" are
+    one id. Every table goes through this, so a log read from CSV joins a catalogue read
+    from Parquet."""
+    if pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype):
+        return s.astype(np.int64).astype(str).to_numpy(dtype=object)
+    if pd.api.types.is_float_dtype(s.dtype):
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        integral = np.isfinite(v) & (v == np.round(v))
+        out = s.astype(str).to_numpy(dtype=object)
+        out[integral] = v[integral].astype(np.int64).astype(str)
+        return out
+    out = s.astype(str).str.strip().to_numpy(dtype=object)
+    num = pd.to_numeric(pd.Series(out), errors="coerce").to_numpy()
+    integral = np.isfinite(num) & (num == np.round(num)) & pd.Series(out).str.fullmatch(r"-?\d+(\.0+)?").to_numpy()
+    out[integral] = num[integral].astype(np.int64).astype(str)
+    return out
+
+
 def parse_timestamps(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Seconds since the epoch as int64, and a mask of unparsable values.
 
@@ -73,8 +92,8 @@ def parse_timestamps(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def validate_events(df: pd.DataFrame, rules: EventRules, known_items: pd.Index | None) -> pd.DataFrame:
     """Canonical events in, the same rows out with `ts` parsed and a `reject_reason` column.
 
-    `reject_reason` is "" for accepted rows. `known_items` is the item table's
-    ids; when `rules.require_item_metadata`, an event on any other item is
+    `reject_reason` is "" for accepted rows; ids come out as canonical strings
+    (`normalize_ids`). `known_items` is the item table's normalised ids; when `rules.require_item_metadata`, an event on any other item is
     rejected as `item_without_metadata`.
     """
     from pipeline.examples import numpy_frame
@@ -94,9 +113,12 @@ def validate_events(df: pd.DataFrame, rules: EventRules, known_items: pd.Index |
     mark((ts < rules.min_ts) | (ts > rules.max_ts), "timestamp_out_of_range")
     kind = df["event"].astype(str).str.strip().str.lower()
     mark(~kind.isin(rules.allowed_kinds).to_numpy(), "unknown_event_kind")
+    user_ids, item_ids = normalize_ids(df["user_id"]), normalize_ids(df["item_id"])
     if rules.require_item_metadata and known_items is not None:
-        mark(known_items.get_indexer(df["item_id"]) < 0, "item_without_metadata")
+        mark(known_items.get_indexer(pd.Index(item_ids)) < 0, "item_without_metadata")
     out = df.copy()
+    out["user_id"] = user_ids
+    out["item_id"] = item_ids
     out["ts_raw"] = df["ts"].astype(str)
     out["ts"] = ts
     out["event"] = kind.to_numpy()
@@ -126,10 +148,12 @@ def validate_table(df: pd.DataFrame, key: str) -> pd.DataFrame:
     reason = np.full(len(df), "", dtype=object)
     miss = _missing(df[key])
     reason[miss] = f"missing_{key}"
-    dup = df[key].duplicated(keep="first").to_numpy() & ~miss
+    ids = normalize_ids(df[key])
+    dup = pd.Series(ids).duplicated(keep="first").to_numpy() & ~miss
     reason[dup] = f"duplicate_{key}"
     out = df.copy()
     out["reject_reason"] = reason
+    out[key] = np.where(miss, "", ids)
     return out
 
 
