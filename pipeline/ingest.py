@@ -90,17 +90,64 @@ def split_times(t_min: int, t_max: int, val_frac: float, test_frac: float) -> tu
     return int(t_min + span * (1 - val_frac - test_frac)), int(t_min + span * (1 - test_frac))
 
 
-def _counts(df: pd.DataFrame, col: str) -> pd.Series:
-    return df[col].value_counts()
+def id_counts(df: pd.DataFrame, key: str, t_val: int) -> pd.DataFrame:
+    """Per-id partial counts of one batch: all events, train exposures, train clicks.
+
+    Summed over batches (Ray groupby-sum, or pandas), this gives the distinct ids
+    and the train-period counts the vocabularies and the popularity sampler need —
+    catalogue-sized, never event-sized, on the driver."""
+    df = numpy_frame(df)
+    train = df["ts"].to_numpy() < t_val
+    ev = df["event"].to_numpy()
+    return pd.DataFrame({
+        key: df[key].to_numpy(),
+        "n": np.ones(len(df), dtype=np.int64),
+        "train_exp": (train & np.isin(ev, EXPOSURE_KINDS)).astype(np.int64),
+        "train_click": (train & (ev == "click")).astype(np.int64),
+    }).groupby(key, as_index=False, sort=False).sum()
 
 
-def _catalog(plan: Plan, train_events: pd.DataFrame, item_ids, user_ids) -> Catalog:
-    exp = train_events[train_events["event"].isin(EXPOSURE_KINDS)]
+def _sum_counts(parts: pd.DataFrame, key: str) -> pd.DataFrame:
+    parts = parts.rename(columns=lambda c: c[4:-1] if c.startswith("sum(") else c)
+    return parts.groupby(key).sum()
+
+
+def _catalog(plan: Plan, items: pd.DataFrame, users: pd.DataFrame) -> Catalog:
+    """`items`/`users`: per-id counts indexed by id (from `id_counts`, summed)."""
     return build_catalog(
-        plan.items, plan.users, item_ids, user_ids,
-        _counts(exp, "item_id"), _counts(exp, "user_id"),
+        plan.items, plan.users, items.index.to_numpy(), users.index.to_numpy(),
+        items["train_exp"][items["train_exp"] > 0], users["train_exp"][users["train_exp"] > 0],
         plan.cfg.data.min_count, plan.cfg.data.title_len,
     )
+
+
+def partial_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-batch partial statistics of the examples, combined by `combine_summary`:
+    rows and positives per (split, history length), and an order-independent hash."""
+    df = numpy_frame(df)
+    cols = ["split", "label", "ts", "user_key", "item_key", "seq_len_long"]
+    h = pd.util.hash_pandas_object(df[cols], index=False).to_numpy()
+    g = pd.DataFrame({"split": df["split"].to_numpy(), "seq_len_long": df["seq_len_long"].to_numpy(),
+                      "rows": 1, "positives": df["label"].to_numpy().astype(np.int64),
+                      "hash_hi": (h >> np.uint64(32)).astype(np.int64), "hash_lo": (h & np.uint64(0xFFFFFFFF)).astype(np.int64)})
+    return g.groupby(["split", "seq_len_long"], as_index=False).sum()
+
+
+def combine_summary(parts: pd.DataFrame) -> dict[str, Any]:
+    parts = numpy_frame(parts)
+    per = parts.groupby(["split", "seq_len_long"], as_index=False)[["rows", "positives", "hash_hi", "hash_lo"]].sum()
+    splits = {}
+    for s in SPLITS:
+        p = per[per["split"] == s]
+        n, pos = int(p["rows"].sum()), int(p["positives"].sum())
+        splits[s] = {"ranking_rows": n, "retrieval_rows": pos, "positive_rate": pos / n if n else 0.0}
+    hist = per.groupby("seq_len_long")["rows"].sum().sort_index()
+    cdf = hist.cumsum() / max(hist.sum(), 1)
+    quant = {str(q): float(hist.index[np.searchsorted(cdf.to_numpy(), q)]) for q in (0.1, 0.5, 0.9, 0.99)} if len(hist) else {}
+    total = int(per["rows"].sum())
+    digest = f"{int(per['hash_hi'].sum())}:{int(per['hash_lo'].sum())}:{total}"
+    return {"splits": splits, "seq_len_long_quantiles": quant,
+            "fingerprint": hashlib.sha256(digest.encode()).hexdigest()[:16]}
 
 
 def _context(plan: Plan, cat: Catalog, train_clicks: pd.Series) -> ExampleContext:
@@ -176,9 +223,9 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
     rejected = rejects_frame(v, "events")
     acc = v[v["reject_reason"] == ""].drop(columns="reject_reason")
     t_val, t_test = split_times(int(acc["ts"].min()), int(acc["ts"].max()), cfg.data.val_frac, cfg.data.test_frac)
-    train = acc[acc["ts"] < t_val]
-    cat = _catalog(plan, train, acc["item_id"].unique(), acc["user_id"].unique())
-    ctx = _context(plan, cat, _counts(train[train["event"] == "click"], "item_id"))
+    items_n, users_n = id_counts(acc, "item_id", t_val).set_index("item_id"), id_counts(acc, "user_id", t_val).set_index("user_id")
+    cat = _catalog(plan, items_n, users_n)
+    ctx = _context(plan, cat, items_n["train_click"])
     keyed = _keyed(acc, cat.item_index, cat.user_index, 1)
     p1 = annotate_user_events(keyed, ctx)
     dups = _dup_rejects(p1)
@@ -196,7 +243,10 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
     _clicks(fin).to_parquet(out / "clicks" / "part-0.parquet", index=False)
     all_rejects = pd.concat([rejected, dups], ignore_index=True)
     all_rejects.to_parquet(out / "rejects" / "events.parquet", index=False)
-    return _write_meta(out, plan, cat, fin, all_rejects, len(raw_events), len(acc) - len(dups), t_val, t_test, prior)
+    summary = combine_summary(partial_summary(fin)) | {
+        "users": int(fin["user_key"].nunique()), "items": int(fin["item_key"].nunique())}
+    return _write_meta(out, plan, cat, summary, all_rejects["reason"].value_counts(), len(raw_events),
+                       len(acc) - len(dups), t_val, t_test, prior)
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -223,22 +273,26 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
         validate_events, batch_format="pandas", fn_kwargs={"rules": rules, "known_items": known}
     ).materialize()
     n_input = validated.count()
-    validated.filter(expr=col("reject_reason") != "").map_batches(
+    rejected = validated.filter(expr=col("reject_reason") != "").map_batches(
         rejects_frame, batch_format="pandas", fn_kwargs={"table": "events"}
-    ).write_parquet(str(out / "rejects" / "events"))
+    ).materialize()
+    rejected.write_parquet(str(out / "rejects" / "events"))
     acc = validated.filter(expr=col("reject_reason") == "").drop_columns(["reject_reason"]).materialize()
     n_acc = acc.count()
     if n_acc == 0:
         raise ValueError("no event passed validation; see rejects/ for why")
     t_val, t_test = split_times(int(acc.min("ts")), int(acc.max("ts")), cfg.data.val_frac, cfg.data.test_frac)
-    train_exp = acc.filter(
-        expr=(col("ts") < t_val) & col("event").is_in(list(EXPOSURE_KINDS))
-    ).select_columns(["item_id", "user_id", "event"]).to_pandas()
-    ids = acc.select_columns(["item_id", "user_id"]).to_pandas()
-    cat = _catalog(plan, train_exp, ids["item_id"].unique(), ids["user_id"].unique())
-    del ids
-    ex_ctx = _context(plan, cat, _counts(train_exp[train_exp["event"] == "click"], "item_id"))
-    del train_exp
+    counts = {
+        key: _sum_counts(
+            acc.map_batches(id_counts, batch_format="pandas", fn_kwargs={"key": key, "t_val": t_val})
+            .groupby(key, num_partitions=P).sum(["n", "train_exp", "train_click"]).to_pandas(),
+            key,
+        )
+        for key in ("item_id", "user_id")
+    }
+    cat = _catalog(plan, counts["item_id"], counts["user_id"])
+    ex_ctx = _context(plan, cat, counts["item_id"]["train_click"])
+    del counts
 
     buckets = P * 4
     keyed = acc.map_batches(
@@ -273,10 +327,15 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
         fn_kwargs={"ft": ft, "n_hard": d.max_hard_negatives, "profile": cat.profile_fields},
     ).write_parquet(str(out / "retrieval"), partition_cols=["split"])
     fin.map_batches(_clicks, batch_format="pandas").write_parquet(str(out / "clicks"))
-    summary = fin.select_columns(["split", "label", "seq_len_long", "ts", "user_key", "item_key"]).to_pandas()
-    rejects = read_rejects(out)
+    summary = combine_summary(fin.map_batches(partial_summary, batch_format="pandas").to_pandas()) | {
+        "users": len(fin.unique("user_key")), "items": len(fin.unique("item_key"))}
+    reasons = pd.concat(
+        [d.groupby("reason").count().to_pandas() for d in (
+            rejected.select_columns(["reason"]), dups.map_batches(_dup_rejects, batch_format="pandas").select_columns(["reason"]))
+         if d.count()] or [pd.DataFrame({"reason": [], "count()": []})]
+    ).groupby("reason")["count()"].sum()
     ray.data.DataContext.get_current().enable_progress_bars = True
-    return _write_meta(out, plan, cat, summary, rejects, n_input, n_acc - n_dup, t_val, t_test, prior)
+    return _write_meta(out, plan, cat, summary, reasons, n_input, n_acc - n_dup, t_val, t_test, prior)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -300,14 +359,7 @@ def _prepare_output(cfg: FunnelConfig) -> Path:
     return out
 
 
-def fingerprint(frame: pd.DataFrame) -> str:
-    """Order-independent content hash of the examples (a sum of row hashes)."""
-    cols = sorted(c for c in ("split", "label", "ts", "user_key", "item_key", "seq_len_long") if c in frame)
-    h = pd.util.hash_pandas_object(frame[cols], index=False).to_numpy().sum(dtype=np.uint64)
-    return hashlib.sha256(f"{int(h)}:{len(frame)}".encode()).hexdigest()[:16]
-
-
-def _write_meta(out: Path, plan: Plan, cat: Catalog, examples: pd.DataFrame, rejects: pd.DataFrame,
+def _write_meta(out: Path, plan: Plan, cat: Catalog, summary: dict[str, Any], reasons: pd.Series,
                 n_input: int, n_accepted: int, t_val: int, t_test: int, prior: float) -> dict[str, Any]:
     cfg = plan.cfg
     items = cat.items.copy()
@@ -319,37 +371,22 @@ def _write_meta(out: Path, plan: Plan, cat: Catalog, examples: pd.DataFrame, rej
     if len(plan.catalog_rejects):
         plan.catalog_rejects.to_parquet(out / "rejects" / "catalog.parquet", index=False)
     write_json(out / "vocab.json", cat.vocabs)
-    ev_rej = rejects[rejects["table"] == "events"]
-    by_reason = ev_rej["reason"].value_counts().sort_index().to_dict()
-    per_split = {}
-    for s in SPLITS:
-        part = examples[examples["split"] == s]
-        per_split[s] = {
-            "ranking_rows": len(part),
-            "retrieval_rows": int((part["label"] == 1).sum()),
-            "positive_rate": float(part["label"].mean()) if len(part) else 0.0,
-        }
-    sl = examples["seq_len_long"]
-    fp = fingerprint(examples)
     stats = {
         "source": plan.source,
         "input_rows": {"events": int(n_input), **plan.input_counts},
         "accepted_events": int(n_accepted),
-        "rejected_events": len(ev_rej),
-        "rejects_by_reason": {k: int(v) for k, v in by_reason.items()},
+        "rejected_events": int(reasons.sum()),
+        "rejects_by_reason": {str(k): int(v) for k, v in reasons.sort_index().items()},
         "catalog_rejects": plan.catalog_rejects["reason"].value_counts().to_dict() if len(plan.catalog_rejects) else {},
-        "splits": per_split,
         "split_times": {"val_start": t_val, "test_start": t_test},
         "train_ctr_prior": prior,
-        "seq_len_long_quantiles": {str(q): float(sl.quantile(q)) for q in (0.1, 0.5, 0.9, 0.99)} if len(sl) else {},
-        "users": int(examples["user_key"].nunique()),
-        "items": int(examples["item_key"].nunique()),
         "has_impressions": plan.has_impressions,
-        "fingerprint": fp,
+        **summary,
     }
-    assert stats["input_rows"]["events"] == stats["accepted_events"] + stats["rejected_events"], stats
+    if stats["input_rows"]["events"] != stats["accepted_events"] + stats["rejected_events"]:
+        raise RuntimeError(f"rows lost: input {n_input} != accepted {n_accepted} + rejected {stats['rejected_events']}")
     write_json(out / "stats.json", stats)
-    write_json(out / "feature_spec.json", feature_spec(cat, cfg, fp))
+    write_json(out / "feature_spec.json", feature_spec(cat, cfg, summary["fingerprint"]))
     write_json(out / "config.json", flatten(to_dict(cfg)))
     return stats
 
