@@ -83,6 +83,11 @@ class DataConfig:
     negative_sampling: Literal["uniform", "popularity"] = "popularity"
     ctr_prior_strength: float = 20.0  # smoothing of past-only click-through rates
     num_partitions: int = 8  # Ray Data shuffle partitions
+    # sort-based shuffles have the smaller fixed cost on one machine (benchmarks/RESULTS.md);
+    # hash shuffles scale better on a cluster (configs/large.yaml)
+    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle"] = (
+        "sort_shuffle_pull_based"
+    )
     progress: bool = True
 
 

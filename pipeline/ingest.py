@@ -254,7 +254,6 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
 
 def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any]:
     """The ingest on Ray Data (local cluster or a real one); returns the stats dict."""
-    import ray
     from ray.data import DataContext
     from ray.data.expressions import col
 
@@ -262,6 +261,7 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
 
     ctx_ray = DataContext.get_current()
     ctx_ray.enable_progress_bars = cfg.data.progress
+    ctx_ray.shuffle_strategy = cfg.data.shuffle_strategy
     out = _prepare_output(cfg)
     raw = raw or read_source(cfg)
     plan = make_plan(cfg, raw)
@@ -334,7 +334,6 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
             rejected.select_columns(["reason"]), dups.map_batches(_dup_rejects, batch_format="pandas").select_columns(["reason"]))
          if d.count()] or [pd.DataFrame({"reason": [], "count()": []})]
     ).groupby("reason")["count()"].sum()
-    ray.data.DataContext.get_current().enable_progress_bars = True
     return _write_meta(out, plan, cat, summary, reasons, n_input, n_acc - n_dup, t_val, t_test, prior)
 
 

@@ -1,0 +1,214 @@
+"""Ingest throughput and memory: Ray Data against a single-process pandas run of the same transform.
+
+  python -m benchmarks.pipeline                 # 1M events + the bounded-memory run
+  python -m benchmarks.pipeline --users 1000    # a quick look
+
+Both variants read the same simulator log from Parquet and write the same
+outputs (identical fingerprints are checked), each in its own subprocess so
+peak memory is clean: the sum of PSS over the process tree (driver, Ray's
+raylet, GCS and workers; the object store's shared pages are counted once),
+sampled every 0.2 s. The second part ingests an input about 3x larger than a
+deliberately small object store and reports peak memory and bytes spilled.
+
+Prints a table and writes benchmarks/out/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+OUT = Path("benchmarks/out")
+
+
+def _tree_pss(pid: int) -> int:
+    import psutil
+
+    total = 0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_full_info().pss
+    return total
+
+
+class PeakMemory:
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_pss(self.pid))
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def make_input(users: int, root: Path) -> dict:
+    """A simulator log (small-world shape) written as Parquet, generated once per size."""
+    import pandas as pd
+
+    from configs import load_config
+    from pipeline.simulator import simulate_local
+
+    root.mkdir(parents=True, exist_ok=True)
+    meta = root / "meta.json"
+    if meta.exists():
+        return json.loads(meta.read_text())
+    cfg = load_config("configs/small.yaml", [f"world.num_users={users}"])
+    ev, items, us = simulate_local(cfg.world)
+    n_files = max(1, len(ev) // 250_000)
+    for k in range(n_files):
+        ev.iloc[k::n_files].to_parquet(root / f"events-{k:03d}.parquet", index=False)
+    items.to_parquet(root / "items.parquet", index=False)
+    us.to_parquet(root / "users.parquet", index=False)
+    import pyarrow.parquet as pq
+
+    info = {"events": len(ev), "users": users,
+            "arrow_bytes": sum(pq.read_table(f).nbytes for f in root.glob("events-*.parquet"))}
+    meta.write_text(json.dumps(info))
+    del pd
+    return info
+
+
+def run_variant(variant: str, input_dir: str, output: str, object_store: int) -> dict:
+    """Runs inside the child process."""
+    import pandas as pd
+
+    from configs import load_config
+    from pipeline.readers import RawTables
+
+    cfg = load_config("configs/small.yaml", [f"data.output={output}", "data.progress=false"])
+    items = pd.read_parquet(Path(input_dir) / "items.parquet")
+    users = pd.read_parquet(Path(input_dir) / "users.parquet")
+    files = sorted(str(p) for p in Path(input_dir).glob("events-*.parquet"))
+    t0 = time.perf_counter()
+    if variant == "pandas":
+        from pipeline.ingest import run_ingest_local
+
+        events = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        stats = run_ingest_local(cfg, events, RawTables(None, items, users, True, "simulator"))
+        spilled = 0
+    else:
+        import ray
+
+        from pipeline.ingest import run_ingest
+
+        ray.init(num_cpus=2, object_store_memory=object_store or None, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_partitions=4))
+        raw = RawTables(ray.data.read_parquet(files), items, users, True, "simulator")
+        stats = run_ingest(cfg, raw)
+        spilled = _spilled_bytes()
+        ray.shutdown()
+    return {"seconds": time.perf_counter() - t0, "fingerprint": stats["fingerprint"],
+            "events": stats["input_rows"]["events"], "spilled_bytes": spilled}
+
+
+def _spilled_bytes() -> int:
+    try:
+        from ray._private.internal_api import memory_summary
+
+        text = memory_summary(stats_only=True)
+        for line in text.splitlines():
+            if "Spilled" in line and "MiB" in line:
+                return int(float(line.split("Spilled")[1].split("MiB")[0].strip()) * 2**20)
+    except Exception:
+        return -1
+    return 0
+
+
+def measure(variant: str, input_dir: Path, object_store: int = 0) -> dict:
+    out_dir = OUT / f"ingest-{variant}"
+    res_file = OUT / f"result-{variant}.json"
+    env = {**os.environ, "RAY_TMPDIR": str((OUT / "ray").resolve()), "PYTHONUNBUFFERED": "1"}
+    (OUT / "ray").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.pipeline", "--child", variant, "--input", str(input_dir),
+           "--output", str(out_dir), "--object-store", str(object_store), "--result", str(res_file)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with PeakMemory(proc.pid) as mem:
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{err[-3000:]}")
+    res = json.loads(res_file.read_text())
+    res["peak_pss_bytes"] = mem.peak
+    res["events_per_s"] = res["events"] / res["seconds"]
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=5000, help="simulator users (5000 ≈ 1M events)")
+    p.add_argument("--skip-bounded", action="store_true")
+    p.add_argument("--child", choices=["pandas", "ray"], help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    p.add_argument("--object-store", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        res = run_variant(args.child, args.input, args.output, args.object_store)
+        Path(args.result).write_text(json.dumps(res))
+        return 0
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    info = make_input(args.users, OUT / f"input-{args.users}")
+    print(f"input: {info['events']:,} events ({info['arrow_bytes'] / 2**20:.0f} MiB in Arrow), {args.users:,} users")
+    rows = {}
+    for v in ("pandas", "ray"):
+        print(f"  running {v} ...", flush=True)
+        rows[v] = measure(v, OUT / f"input-{args.users}")
+    same = rows["pandas"]["fingerprint"] == rows["ray"]["fingerprint"]
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "command": "python -m benchmarks.pipeline " + " ".join(argv or sys.argv[1:]),
+        "input": info, "variants": rows, "same_output": same,
+        "ray_over_pandas_throughput": rows["ray"]["events_per_s"] / rows["pandas"]["events_per_s"],
+        "ray_over_pandas_peak_memory": rows["ray"]["peak_pss_bytes"] / rows["pandas"]["peak_pss_bytes"],
+    }
+    if not args.skip_bounded:
+        big_users = args.users * 4  # ~3x the 80 MiB object store at the default size
+        big = make_input(big_users, OUT / f"input-{big_users}")
+        store = max(80 * 2**20, big["arrow_bytes"] // 3)
+        print(f"  bounded: {big['events']:,} events ({big['arrow_bytes'] / 2**20:.0f} MiB) through a "
+              f"{store / 2**20:.0f} MiB object store ...", flush=True)
+        result["bounded"] = measure("ray", OUT / f"input-{big_users}", object_store=store) | {
+            "object_store_bytes": store, "input_arrow_bytes": big["arrow_bytes"]}
+    (OUT / "pipeline.json").write_text(json.dumps(result, indent=2))
+
+    print(f"\n{'variant':<10}{'events':>12}{'seconds':>10}{'events/s':>12}{'peak MiB':>10}  fingerprint")
+    for v, r in rows.items():
+        print(f"{v:<10}{r['events']:>12,}{r['seconds']:>10.1f}{r['events_per_s']:>12,.0f}"
+              f"{r['peak_pss_bytes'] / 2**20:>10.0f}  {r['fingerprint']}")
+    print(f"ray/pandas throughput {result['ray_over_pandas_throughput']:.2f}x, peak memory "
+          f"{result['ray_over_pandas_peak_memory']:.2f}x, same output: {same}")
+    if "bounded" in result:
+        b = result["bounded"]
+        print(f"bounded: {b['events']:,} events, input {b['input_arrow_bytes'] / 2**20:.0f} MiB vs object store "
+              f"{b['object_store_bytes'] / 2**20:.0f} MiB ({b['input_arrow_bytes'] / b['object_store_bytes']:.1f}x): "
+              f"{b['seconds']:.1f}s, peak {b['peak_pss_bytes'] / 2**20:.0f} MiB, spilled {b['spilled_bytes'] / 2**20:.0f} MiB")
+    print(f"wrote {OUT / 'pipeline.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
