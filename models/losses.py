@@ -1,0 +1,27 @@
+"""Losses, computed apart from the models (the training step calls these)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.layers import ModelOutput
+
+
+def loss_terms(out: ModelOutput, labels: Tensor) -> dict[str, Tensor]:
+    """Named loss terms: "main" = BCE of the serving logits; each `aux` term as returned;
+    each `aux_logits` entry as BCE against the label of the sample it was made from."""
+    y = labels.float()
+    terms = {"main": F.binary_cross_entropy_with_logits(out.logits.float(), y)}
+    terms.update(out.aux)
+    for name, lg in out.aux_logits.items():
+        terms[name] = F.binary_cross_entropy_with_logits(lg.float(), y.unsqueeze(-1).expand_as(lg))
+    return terms
+
+
+def total_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """main + Σ weight · term; a term without a weight is an error, not a silent 1.0."""
+    missing = [n for n in terms if n != "main" and n not in weights]
+    if missing:
+        raise KeyError(f"no loss weight for aux term(s) {missing}; the model's loss_weights() must name them")
+    return terms["main"] + sum(weights[n] * t for n, t in terms.items() if n != "main")

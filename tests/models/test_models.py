@@ -1,0 +1,257 @@
+"""Unit tests of the ranking models: seeded, tiny tensors, CPU, no Ray."""
+
+import pytest
+import torch
+
+from models import RANKING, build_model, loss_terms, total_loss
+from models.adaf2m2 import AdaF2M2
+from models.cdnet import CDNet, CDNetConfig, core_counts, interest_histogram, select_core
+from models.dlf import DLF, DLFConfig
+from tests.models.conftest import HIST_VOCAB, make_batch
+
+ALL = [*RANKING, "adaf2m2:dcnv2", "adaf2m2:dlf", "adaf2m2:cdnet"]
+VARIANTS = {
+    "cdnet_full": ("cdnet", {**vars(CDNetConfig.tiny()), "full_sequence": True}),
+    "cdnet_rcore": ("cdnet", {**vars(CDNetConfig.tiny()), "use_core": False}),
+    "cdnet_rgid": ("cdnet", {**vars(CDNetConfig.tiny()), "use_distribution": False}),
+    "din_long": ("din", {"embed_dim": 8, "hidden": [32], "attention_hidden": [16], "sequence": "long"}),
+    "dlf_ablated": ("dlf", {**vars(DLFConfig.tiny()), "use_gate": False, "use_rli": False, "use_naf": False}),
+}
+
+
+def build(name, spec, seed=0):
+    torch.manual_seed(seed)
+    if name in VARIANTS:
+        base, params = VARIANTS[name]
+        return build_model(base, spec, params)
+    return build_model(name, spec, tiny=True)
+
+
+def weights(m):
+    return m.loss_weights() if hasattr(m, "loss_weights") else {}
+
+
+@pytest.mark.parametrize("name", ALL + list(VARIANTS))
+def test_output_shapes_and_finite(name, spec, batch):
+    m = build(name, spec)
+    out = m(batch)
+    assert out.logits.shape == (8,) and torch.isfinite(out.logits).all()
+    for lg in out.aux_logits.values():
+        assert lg.shape == (8, m.cfg.k)
+
+
+@pytest.mark.parametrize("name", ALL + list(VARIANTS))
+def test_padding_does_not_change_outputs(name, spec, batch):
+    m = build(name, spec).eval()
+    with torch.no_grad():
+        a = m(batch).logits
+        noisy = dict(batch)
+        pad = torch.arange(spec.seq_len)[None, :] < (spec.seq_len - batch["hist_len"])[:, None]
+        for f, v in HIST_VOCAB.items():
+            noisy[f] = torch.where(pad, torch.randint(1, spec.categorical[v], pad.shape), batch[f])
+        b = m(noisy).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL + list(VARIANTS))
+def test_same_seed_same_output(name, spec, batch):
+    a, b = build(name, spec, seed=3).eval(), build(name, spec, seed=3).eval()
+    with torch.no_grad():
+        assert torch.equal(a(batch).logits, b(batch).logits)
+
+
+@pytest.mark.parametrize("name", [*ALL, "cdnet_full", "din_long", "dlf_ablated"])
+def test_overfits_a_tiny_batch(name, spec):
+    batch = make_batch(spec, B=32, seed=1)
+    m = build(name, spec)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        loss = total_loss(loss_terms(m(batch), batch["label"]), weights(m))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    m.eval()
+    with torch.no_grad():
+        final = loss_terms(m(batch), batch["label"])["main"].item()
+    assert final < 0.5 * first, (first, final)
+
+
+# --------------------------------------------------------------------------- CDNet
+
+
+def test_topk_selects_exactly_k_valid_positions():
+    torch.manual_seed(0)
+    B, L = 64, 30
+    sim = torch.rand(B, L) * 2 - 1
+    lens = torch.randint(0, L + 1, (B,))
+    mask = torch.arange(L)[None, :] >= (L - lens)[:, None]
+    for ratio in (0.02, 0.1, 0.5, 1.0):
+        idx, selected, ste = select_core(sim, mask, ratio, tau=0.1)
+        k = core_counts(lens, ratio)
+        assert torch.equal(selected.sum(1), k)
+        assert (k[lens > 0] >= 1).all() and (k <= lens).all() and (k[lens == 0] == 0).all()
+        assert mask.gather(1, idx)[selected].all()  # padding never selected
+        assert torch.allclose(ste.sum(1), k.float(), atol=1e-5)  # forward: the hard mask
+        for b in range(B):  # the selected are the k largest valid scores
+            if k[b]:
+                chosen = sim[b, idx[b][selected[b]]]
+                rest = sim[b][mask[b]]
+                assert chosen.min() >= rest.topk(int(k[b])).values.min() - 1e-6
+
+
+def test_histogram_counts_sum_to_valid_length():
+    torch.manual_seed(0)
+    B, L = 16, 20
+    sim = torch.rand(B, L) * 2 - 1
+    sim[0, 0], sim[0, 1] = -1.0, 1.0  # the interval ends are counted
+    lens = torch.randint(0, L + 1, (B,))
+    lens[0] = L
+    mask = torch.arange(L)[None, :] >= (L - lens)[:, None]
+    for bins in (5, 10, 20, 40):
+        h = interest_histogram(sim, mask, bins)
+        assert torch.equal(h.sum(1), lens.float())
+
+
+def test_ste_passes_gradient_to_similarity_projections(spec, batch):
+    m = build("cdnet", spec)
+    m(batch).logits.sum().backward()
+    for p in (m.proj_target.weight, m.proj_behavior.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_cdnet_ablation_switches_remove_tokens(spec, batch):
+    full_L = spec.seq_len
+    layouts = {}
+    for name in ("cdnet", "cdnet_rcore", "cdnet_rgid", "cdnet_full"):
+        m = build(name, spec)
+        layouts[name] = m.tokens(m.embed(batch))[3]
+    F = spec.num_fields
+    k_max = -(-full_L * CDNetConfig.tiny().topk_ratio // 1)
+    assert layouts["cdnet"] == {"core": k_max, "distribution": 1, "context": F}
+    assert layouts["cdnet_rcore"] == {"core": 0, "distribution": 1, "context": F}
+    assert layouts["cdnet_rgid"] == {"core": k_max, "distribution": 0, "context": F}
+    assert layouts["cdnet_full"] == {"core": full_L, "distribution": 1, "context": F}
+
+
+# --------------------------------------------------------------------------- DLF, DIN
+
+
+def test_dlf_ablation_switches_remove_modules(spec):
+    full = build("dlf", spec)
+    abl = build("dlf_ablated", spec)
+    assert all(layer.gate is not None and layer.naf is not None for layer in full.layers)
+    assert all(layer.gate is None and layer.naf is None for layer in abl.layers)
+    n0 = spec.num_fields + 1
+    cfg = DLFConfig.tiny()
+    # with RLI the low-order block reads X_0 (n_0 tokens) at every layer; without, X_l
+    assert [layer.low.mlp.net[0].in_features for layer in full.layers] == [n0 * cfg.rank] * cfg.layers
+    n_l = [n0, cfg.n_low + cfg.n_high + cfg.n_implicit]
+    assert [layer.low.mlp.net[0].in_features for layer in abl.layers] == [n * cfg.rank for n in n_l]
+
+
+def test_din_short_ignores_old_behaviors_long_does_not(spec):
+    batch = make_batch(spec, B=8, seed=2, lens=[spec.seq_len] * 8)
+    old = dict(batch)
+    cut = spec.seq_len - spec.short_len
+    old["hist_item_idx"] = batch["hist_item_idx"].clone()
+    old["hist_item_idx"][:, :cut] = torch.randint(1, spec.categorical["item_idx"], (8, cut))
+    short, long_ = build("din", spec).eval(), build("din_long", spec).eval()
+    with torch.no_grad():
+        assert torch.allclose(short(batch).logits, short(old).logits)
+        assert not torch.allclose(long_(batch).logits, long_(old).logits)
+
+
+# --------------------------------------------------------------------------- AdaF2M2
+
+
+def test_adaf2m2_eval_is_the_unmasked_main_path(spec, batch):
+    m = build("adaf2m2:dlf", spec).eval()
+    with torch.no_grad():
+        out = m(batch)
+        emb = m.base.embed(batch)
+        w = m.field_weights(batch, emb)
+        ref = m.base.interact(emb.with_fields(emb.fields * w.unsqueeze(-1)))
+    assert torch.allclose(out.logits, ref) and not out.aux_logits
+    assert ((w > 0) & (w < 1)).all()
+
+
+def test_adaf2m2_aux_copies_line_up_with_their_samples(spec):
+    batch = make_batch(spec, B=6, seed=4)
+    m = build("adaf2m2:dcnv2", spec)
+    m.cfg.beta = m.cfg.gamma = 0.0  # nothing masked: every copy equals its own sample
+    emb = m.base.embed(batch)
+    copies, drop = m.masked_copies(emb)
+    assert not drop.any()
+    k = m.cfg.k
+    for b in range(6):
+        for j in range(k):
+            assert torch.equal(copies.fields[b * k + j], emb.fields[b])
+            assert torch.equal(copies.seq[b * k + j], emb.seq[b])
+    out = m.train()(batch)
+    plain = m.base.interact(emb).detach()  # no adapter on the aux path
+    for j in range(k):
+        assert torch.allclose(out.aux_logits["feature_mask"][:, j], plain, atol=1e-5)
+    # the loss pairs copy j of sample b with labels[b]
+    y = batch["label"]
+    want = torch.nn.functional.binary_cross_entropy_with_logits(plain, y)
+    assert torch.allclose(loss_terms(out, y)["feature_mask"], want, atol=1e-5)
+
+
+def test_adaf2m2_masks_with_per_field_mask_embeddings(spec, batch):
+    m = build("adaf2m2:dcnv2", spec)
+    m.cfg.beta = m.cfg.gamma = 1.0  # everything masked
+    copies, drop = m.masked_copies(m.base.embed(batch))
+    assert drop.all()
+    assert torch.equal(copies.fields, m.mask_embedding.expand_as(copies.fields))
+
+
+def test_adaf2m2_adapter_gets_no_gradient_from_the_aux_path(spec, batch):
+    m = build("adaf2m2:dlf", spec)
+    out = m(batch)
+    loss_terms(out, batch["label"])["feature_mask"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.adapter.parameters())
+    assert m.mask_embedding.grad is not None and m.mask_embedding.grad.abs().sum() > 0
+
+
+def test_adaf2m2_wraps_a_base_model(spec):
+    m = build("adaf2m2:dcnv2", spec)
+    assert isinstance(m, AdaF2M2)
+    assert m.loss_weights() == {"feature_mask": 0.2}
+
+
+# --------------------------------------------------------------------------- config and losses
+
+
+def test_unknown_model_config_key_is_an_error(spec):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['topk'\]"):
+        build_model("cdnet", spec, {"topk": 0.3})
+    with pytest.raises(ValueError, match="topk_ratio: expected float"):
+        build_model("cdnet", spec, {"topk_ratio": "high"})
+    with pytest.raises(ValueError, match="unknown model 'deepfm'"):
+        build_model("deepfm", spec)
+    with pytest.raises(ValueError, match="topk_ratio must be in"):
+        build_model("cdnet", spec, {"topk_ratio": 0.0})
+
+
+def test_aux_term_without_weight_is_an_error(spec, batch):
+    m = build("adaf2m2:dcnv2", spec)
+    with pytest.raises(KeyError, match="feature_mask"):
+        total_loss(loss_terms(m(batch), batch["label"]), {})
+
+
+def test_cdnet_cost_is_independent_of_sequence_length():
+    from models.spec import FeatureSpec
+
+    for L in (50, 400):
+        spec = FeatureSpec.tiny(seq_len=L)
+        m = CDNet(spec, CDNetConfig.tiny())
+        m.cfg.topk_ratio = 0.05
+        b = make_batch(spec, B=2)
+        assert m.tokens(m.embed(b))[0].shape[1] == -(-L * 5 // 100) + 1 + spec.num_fields
+
+
+def test_dlf_rejects_indivisible_heads(spec):
+    with pytest.raises(ValueError, match="divisible"):
+        DLF(spec, DLFConfig(embed_dim=10, heads=3))
