@@ -16,7 +16,9 @@ from models.din import DIN
 from models.dlf import DLF
 from models.layers import ModelOutput
 from models.losses import loss_terms, total_loss
+from models.lrea import LREA
 from models.mean_pool import MeanPoolDNN
+from models.sim_hard import SIMHard
 from models.spec import FeatureSpec
 
 RANKING: dict[str, type[RankingModel]] = {
@@ -25,6 +27,8 @@ RANKING: dict[str, type[RankingModel]] = {
     "dcnv2": DCNv2,
     "cdnet": CDNet,
     "dlf": DLF,
+    "lrea": LREA,
+    "sim_hard": SIMHard,
 }
 
 

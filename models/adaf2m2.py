@@ -100,8 +100,7 @@ class AdaF2M2(nn.Module):
         p = torch.empty(B, k, 1, device=emb.fields.device).uniform_(self.cfg.beta, self.cfg.gamma)
         drop = torch.rand(B, k, n_f, device=emb.fields.device) < p  # (B, k, F)
         copies = torch.where(drop.unsqueeze(-1), self.mask_embedding, emb.fields.unsqueeze(1))  # (B, k, F, D)
-        rep = lambda x: x.repeat_interleave(k, dim=0)  # noqa: E731  sample-major, like `copies`
-        return Embedded(copies.reshape(B * k, n_f, d), rep(emb.seq), rep(emb.seq_mask), emb.target_index), drop
+        return emb.repeat_interleave(copies.reshape(B * k, n_f, d), k), drop
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         emb = self.base.embed(batch)

@@ -42,13 +42,21 @@ class Embedded:
     seq: Tensor
     seq_mask: Tensor
     target_index: tuple[int, ...]  # positions of item_idx, cat_idx, brand_idx in `fields`
+    seq_cat: Tensor | None = None  # (B, L) the behaviors' category ids (search keys, e.g. SIM)
+    target_cat: Tensor | None = None  # (B,) the target's category id
 
     def target(self) -> Tensor:
         """(B, Db): the target item as item ⊕ category ⊕ brand field embeddings."""
         return self.fields[:, list(self.target_index)].flatten(1)
 
     def with_fields(self, fields: Tensor) -> Embedded:
-        return Embedded(fields, self.seq, self.seq_mask, self.target_index)
+        return Embedded(fields, self.seq, self.seq_mask, self.target_index, self.seq_cat, self.target_cat)
+
+    def repeat_interleave(self, fields: Tensor, k: int) -> Embedded:
+        """k copies per sample, sample-major (row b·k + j is copy j of sample b), with new fields."""
+        rep = lambda x: None if x is None else x.repeat_interleave(k, dim=0)  # noqa: E731
+        return Embedded(fields, rep(self.seq), rep(self.seq_mask), self.target_index, rep(self.seq_cat),
+                        rep(self.target_cat))
 
 
 class FieldEmbedding(nn.Module):
@@ -83,7 +91,7 @@ class FieldEmbedding(nn.Module):
         seq = torch.cat([self.tables[f](batch[s]) for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1)  # (B, L, Db)
         L = seq.shape[1]
         seq_mask = torch.arange(L, device=seq.device)[None, :] >= (L - batch["hist_len"].clamp(max=L))[:, None]
-        return Embedded(fields, seq, seq_mask, self.target_index)
+        return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"])
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -1,0 +1,170 @@
+"""LREA: Low-Rank Efficient Attention over long behavior sequences (paper 003).
+
+Notation: B batch, L sequence length, Db behavior dim (item ⊕ category ⊕ brand),
+r rank, h attention hidden size, N candidates of one user at serving time.
+E_s (L × Db) the behaviors (zero at padding), E_t (Db) the target.
+
+- Compression (eq. 4): W_comp ∈ R^{L×r}, W_decomp ∈ R^{r×L};
+  E_comp = E_sᵀ W_comp (Db × r); the decompressed sequence Ẽ = (E_comp W_decomp)ᵀ (L × Db).
+- Training path (eq. 5, second line — φ applied to each part of W_in = [W_1; W_2; W_3]):
+    a_j = [φ(E_t W_1) + φ(ẽ_j W_2) + φ((E_t ⊙ ẽ_j) W_3)] W_o,   φ = LeakyReLU
+    interest = Σ_j a_j e_j = E_sᵀ a.
+- Non-negativity (eq. 10): L_non-neg = ‖max(0, −W_decomp)‖² + ‖max(0, −E_comp)‖², returned
+  as the aux term "non_neg" and weighted by λ in the training step (eq. 11).
+- Serving path (eqs. 6, 8, 9): when φ(AB) = Aφ(B) holds (W_decomp ≥ 0 and the parts inside
+  φ sign-consistent — what L_non-neg pushes towards), the sum over L factors through r:
+    a = φ(E_t W_1) W_o · 1 + W_decompᵀ s,   s = [φ(E_compᵀ W_2) + φ((E_t ⊙ E_compᵀ) W_3)] W_o (r)
+    interest = φ(E_t W_1) W_o · Σ_j e_j + E_auxabsorb s,   E_auxabsorb = E_sᵀ W_decompᵀ (Db × r).
+  `absorb` caches (E_comp, E_auxabsorb, Σ_j e_j, φ(E_compᵀ W_2) W_o) per user; `score` costs
+  O(r·Db·h) per candidate, independent of L. The first term (the target alone) needs Σ_j e_j,
+  which eq. 9 leaves implicit; caching it keeps the two paths equal.
+The interest joins the other field embeddings in an MLP (§3.1, last sentence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.base import RankingModel
+from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput
+from models.spec import FeatureSpec
+
+
+@dataclass
+class LREAConfig:
+    embed_dim: int = 16
+    rank: int = 32
+    attention_hidden: int = 64
+    negative_slope: float = 0.01
+    lam: float = 0.3  # λ of eq. 11
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.0
+
+    @classmethod
+    def tiny(cls) -> LREAConfig:
+        return cls(embed_dim=8, rank=4, attention_hidden=8, hidden=[16])
+
+
+@dataclass
+class LREACache:
+    """Per-user serving state (U users): everything `score` needs, nothing of size L."""
+
+    e_comp: Tensor  # (U, Db, r)
+    e_aux: Tensor  # (U, Db, r)  E_auxabsorb
+    e_sum: Tensor  # (U, Db)
+    c2: Tensor  # (U, r)       φ(E_compᵀ W_2) W_o
+
+
+class LREA(RankingModel):
+    Config = LREAConfig
+
+    def __init__(self, spec: FeatureSpec, cfg: LREAConfig):
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        L, r, h, db = spec.seq_len, cfg.rank, cfg.attention_hidden, 3 * cfg.embed_dim
+        self.embedding = FieldEmbedding(spec, cfg.embed_dim)
+        # Non-negative starts: training begins where the absorbed path is exact.
+        self.w_comp = nn.Parameter(torch.rand(L, r) / L)
+        self.w_decomp = nn.Parameter(torch.rand(r, L) / r)
+        self.w1, self.w2, self.w3 = (nn.Linear(db, h, bias=False) for _ in range(3))
+        self.w_o = nn.Linear(h, 1, bias=False)
+        self.mlp = MLP(spec.num_fields * cfg.embed_dim + db, cfg.hidden, 1, cfg.dropout)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"non_neg": self.cfg.lam}
+
+    def phi(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x, self.cfg.negative_slope)
+
+    # ------------------------------------------------------------------ training path (eq. 5)
+
+    def compress(self, seq: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """E_s (B, L, Db) zeroed at padding, and E_comp = E_sᵀ W_comp (B, Db, r)."""
+        e_s = seq * mask.unsqueeze(-1)
+        return e_s, torch.einsum("bld,lr->bdr", e_s, self.w_comp)
+
+    def interest_train(self, e_t: Tensor, e_s: Tensor, e_comp: Tensor) -> Tensor:
+        """(B, Db): Σ_j a_j e_j with a_j from the decompressed behaviors (eq. 5)."""
+        e_dec = torch.einsum("bdr,rl->bld", e_comp, self.w_decomp)  # Ẽ (B, L, Db)
+        t = e_t.unsqueeze(1)
+        a = (self.phi(self.w1(t)) + self.phi(self.w2(e_dec)) + self.phi(self.w3(t * e_dec)))  # (B, L, h)
+        a = self.w_o(a).squeeze(-1)  # (B, L)
+        return torch.einsum("bl,bld->bd", a, e_s)
+
+    def non_negativity(self, e_comp: Tensor) -> Tensor:
+        """eq. 10, E_comp's term averaged over the batch."""
+        return F.relu(-self.w_decomp).pow(2).sum() + F.relu(-e_comp).pow(2).sum((1, 2)).mean()
+
+    def interact(self, emb: Embedded) -> Tensor:
+        return self.forward_embedded(emb).logits
+
+    def forward_embedded(self, emb: Embedded) -> ModelOutput:
+        e_s, e_comp = self.compress(emb.seq, emb.seq_mask)
+        interest = self.interest_train(emb.target(), e_s, e_comp)
+        logits = self.mlp(torch.cat([emb.fields.flatten(1), interest], -1)).squeeze(-1)
+        return ModelOutput(logits, aux={"non_neg": self.non_negativity(e_comp)})
+
+    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+        return self.forward_embedded(self.embed(batch))
+
+    # ------------------------------------------------------------------ serving path (eq. 9)
+
+    def absorb(self, seq: Tensor, mask: Tensor) -> LREACache:
+        """Per-user cache from behaviors (U, L, Db) and their mask (U, L): O(L·Db·r) once per user."""
+        e_s, e_comp = self.compress(seq, mask)
+        e_aux = torch.einsum("uld,rl->udr", e_s, self.w_decomp)  # E_sᵀ W_decompᵀ
+        c2 = self.w_o(self.phi(self.w2(e_comp.transpose(1, 2)))).squeeze(-1)  # (U, r)
+        return LREACache(e_comp, e_aux, e_s.sum(1), c2)
+
+    def absorb_batch(self, batch: dict[str, Tensor]) -> LREACache:
+        emb = self.embed(batch)
+        return self.absorb(emb.seq, emb.seq_mask)
+
+    def interest_serve(self, cache: LREACache, e_t: Tensor, user: Tensor | None = None) -> Tensor:
+        """(N, Db) interest of N candidates; `user` (N,) indexes the cache row of each
+        candidate (default: row 0, one user). O(r·Db·h) per candidate."""
+        idx = user if user is not None else torch.zeros(e_t.shape[0], dtype=torch.long, device=e_t.device)
+        e_comp_t = cache.e_comp[idx].transpose(1, 2)  # (N, r, Db)
+        s = cache.c2[idx] + self.w_o(self.phi(self.w3(e_t.unsqueeze(1) * e_comp_t))).squeeze(-1)  # (N, r)
+        t0 = self.w_o(self.phi(self.w1(e_t)))  # (N, 1)
+        return t0 * cache.e_sum[idx] + torch.einsum("ndr,nr->nd", cache.e_aux[idx], s)
+
+    def score(self, cache: LREACache, candidates: dict[str, Tensor], user: Tensor | None = None) -> Tensor:
+        """Logits (N,) of candidate rows (their non-sequence fields) with the absorbed interest."""
+        emb = self.embedding(candidates | _empty_history(candidates, self.spec.seq_len))
+        interest = self.interest_serve(cache, emb.target(), user)
+        return self.mlp(torch.cat([emb.fields.flatten(1), interest], -1)).squeeze(-1)
+
+
+def _empty_history(batch: dict[str, Tensor], L: int) -> dict[str, Tensor]:
+    """Candidate rows carry no history at serving time (it lives in the cache)."""
+    if "hist_len" in batch:
+        return {}
+    n = next(iter(batch.values())).shape[0]
+    dev = next(iter(batch.values())).device
+    z = torch.zeros(n, 1, dtype=torch.long, device=dev)
+    return {"hist_item_idx": z, "hist_cat_idx": z, "hist_brand_idx": z, "hist_len": torch.zeros(n, dtype=torch.long, device=dev)}
+
+
+@torch.no_grad()
+def serving_gap(model: LREA, batch: dict[str, Tensor]) -> dict[str, float]:
+    """How far the absorbed serving path is from the training path on real rows:
+    relative L2 gap of the interest vectors and mean |Δ logit|."""
+    was = model.training
+    model.eval()
+    emb = model.embed(batch)
+    e_s, e_comp = model.compress(emb.seq, emb.seq_mask)
+    train_i = model.interest_train(emb.target(), e_s, e_comp)
+    cache = model.absorb(emb.seq, emb.seq_mask)
+    B = emb.seq.shape[0]
+    serve_i = model.interest_serve(cache, emb.target(), torch.arange(B, device=emb.seq.device))
+    head = lambda i: model.mlp(torch.cat([emb.fields.flatten(1), i], -1)).squeeze(-1)  # noqa: E731
+    model.train(was)
+    return {
+        "interest_rel_gap": float((train_i - serve_i).norm() / train_i.norm().clamp_min(1e-12)),
+        "logit_abs_gap": float((head(train_i) - head(serve_i)).abs().mean()),
+    }

@@ -1,0 +1,88 @@
+"""LREA (training vs absorbed serving path) and SIM hard search."""
+
+import torch
+
+from models import build_model
+from models.lrea import LREA, LREAConfig, serving_gap
+from models.sim_hard import hard_search
+from tests.models.conftest import make_batch
+
+
+def _nonnegative(m: LREA) -> LREA:
+    """Weights for which eq. 6 holds exactly: everything inside φ is non-negative."""
+    with torch.no_grad():
+        for t in m.embedding.tables.values():
+            t.weight.abs_()
+        m.embedding.num_w.abs_()
+        m.embedding.num_b.abs_()
+        m.w_comp.abs_()
+        m.w_decomp.abs_()
+        m.w2.weight.abs_()
+        m.w3.weight.abs_()
+    return m.eval()
+
+
+def test_serving_path_equals_training_path_under_nonnegative_weights(spec):
+    torch.manual_seed(0)
+    m = _nonnegative(LREA(spec, LREAConfig.tiny()))
+    batch = make_batch(spec, B=16, seed=5)
+    gap = serving_gap(m, batch)
+    assert gap["interest_rel_gap"] < 1e-5 and gap["logit_abs_gap"] < 1e-5
+    # and through the public API: absorb one user's history, score candidates
+    with torch.no_grad():
+        train_logits = m(batch).logits
+        for b in range(4):
+            one = {k: v[b : b + 1] for k, v in batch.items()}
+            cache = m.absorb_batch(one)
+            cand = {k: v[b : b + 1] for k, v in batch.items() if not k.startswith("hist_")}
+            assert torch.allclose(m.score(cache, cand), train_logits[b : b + 1], atol=1e-5)
+
+
+def test_gap_is_reported_when_weights_are_signed(spec):
+    torch.manual_seed(0)
+    m = LREA(spec, LREAConfig.tiny())
+    with torch.no_grad():
+        m.w_decomp.normal_()  # break eq. 6
+    gap = serving_gap(m, make_batch(spec, B=16, seed=5))
+    assert gap["interest_rel_gap"] > 1e-3
+
+
+def test_non_negativity_term_penalises_only_negative_entries(spec):
+    torch.manual_seed(0)
+    m = LREA(spec, LREAConfig.tiny())
+    batch = make_batch(spec, B=8)
+    before = m(batch).aux["non_neg"].item()  # E_comp's term only: W_decomp starts non-negative
+    with torch.no_grad():
+        m.w_decomp[0, 0] = -2.0
+    assert abs(m(batch).aux["non_neg"].item() - before - 4.0) < 1e-4  # ‖max(0, −W)‖² gains 2²
+    with torch.no_grad():
+        m.w_decomp[0, 0] = 5.0
+    assert abs(m(batch).aux["non_neg"].item() - before) < 1e-6  # positive entries cost nothing
+    assert m.loss_weights() == {"non_neg": 0.3}
+
+
+def test_absorbed_cache_has_no_length_dimension(spec):
+    m = LREA(spec, LREAConfig.tiny())
+    cache = m.absorb_batch(make_batch(spec, B=3))
+    r, db = m.cfg.rank, 3 * m.cfg.embed_dim
+    assert cache.e_comp.shape == (3, db, r) and cache.e_aux.shape == (3, db, r)
+    assert cache.e_sum.shape == (3, db) and cache.c2.shape == (3, r)
+
+
+def test_hard_search_keeps_the_most_recent_same_category():
+    hist_cat = torch.tensor([[0, 0, 3, 5, 3, 3, 2, 3], [1, 1, 1, 1, 1, 1, 1, 1]])
+    mask = torch.tensor([[False, False] + [True] * 6, [True] * 8])
+    idx, ok = hard_search(hist_cat, mask, torch.tensor([3, 4]), k=3)
+    assert idx[0][ok[0]].tolist() == [7, 5, 4]
+    assert not ok[1].any()  # no behavior of category 4
+
+
+def test_sim_hard_ignores_other_categories(spec):
+    torch.manual_seed(0)
+    m = build_model("sim_hard", spec, tiny=True).eval()
+    batch = make_batch(spec, B=8, seed=3, lens=[spec.seq_len] * 8)
+    other = dict(batch)
+    same = batch["hist_cat_idx"] == batch["cat_idx"][:, None]
+    other["hist_item_idx"] = torch.where(same, batch["hist_item_idx"], torch.randint(1, 60, same.shape))
+    with torch.no_grad():
+        assert torch.allclose(m(batch).logits, m(other).logits)
