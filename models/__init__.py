@@ -14,12 +14,14 @@ from models.cdnet import CDNet
 from models.dcnv2 import DCNv2
 from models.din import DIN
 from models.dlf import DLF
+from models.karma import KARMA, KARMAConfig
 from models.layers import ModelOutput
 from models.losses import loss_terms, total_loss
 from models.lrea import LREA
 from models.mean_pool import MeanPoolDNN
 from models.sim_hard import SIMHard
 from models.spec import FeatureSpec
+from models.two_tower import TwoTower, TwoTowerConfig
 
 RANKING: dict[str, type[RankingModel]] = {
     "mean_pool": MeanPoolDNN,
@@ -68,4 +70,16 @@ def build_model(name: str, spec: FeatureSpec, params: dict[str, Any] | None = No
     return cls(spec, cfg)
 
 
-__all__ = ["RANKING", "AdaF2M2", "FeatureSpec", "ModelOutput", "build_model", "loss_terms", "total_loss"]
+__all__ = [
+    "KARMA",
+    "RANKING",
+    "AdaF2M2",
+    "FeatureSpec",
+    "KARMAConfig",
+    "ModelOutput",
+    "TwoTower",
+    "TwoTowerConfig",
+    "build_model",
+    "loss_terms",
+    "total_loss",
+]

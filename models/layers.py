@@ -23,11 +23,14 @@ class ModelOutput:
     aux_logits:  named (B, k) logits of auxiliary predictions on augmented copies of each
                  sample, sample-major: column j of row b belongs to sample b, so its label
                  is labels[b] (AdaF2M2's masked forwards).
+    main_loss:   set by models whose main objective is not BCE on `logits` (retrieval:
+                 KARMA's action loss, the two-tower's sampled softmax); then logits are scores.
     """
 
     logits: Tensor
     aux: dict[str, Tensor] = field(default_factory=dict)
     aux_logits: dict[str, Tensor] = field(default_factory=dict)
+    main_loss: Tensor | None = None
 
 
 @dataclass

@@ -8,9 +8,13 @@ from torch import Tensor
 from models.layers import ModelOutput
 
 
-def loss_terms(out: ModelOutput, labels: Tensor) -> dict[str, Tensor]:
+def loss_terms(out: ModelOutput, labels: Tensor | None = None) -> dict[str, Tensor]:
     """Named loss terms: "main" = BCE of the serving logits; each `aux` term as returned;
     each `aux_logits` entry as BCE against the label of the sample it was made from."""
+    if out.main_loss is not None:
+        terms = {"main": out.main_loss}
+        terms.update(out.aux)
+        return terms
     y = labels.float()
     terms = {"main": F.binary_cross_entropy_with_logits(out.logits.float(), y)}
     terms.update(out.aux)

@@ -43,6 +43,9 @@ from pipeline.validate import (
 )
 
 SPLITS = ("train", "val", "test")
+# past-only user/item signals the retrieval towers (and their AdaF2M2 adapters) read
+STATE_AND_COUNTERS = ("user_active_days_7", "user_active_days_30", "user_exposures_before", "user_clicks_before",
+                      "user_ctr", "item_exposures_before", "item_clicks_before", "item_ctr")
 EXPOSURE_KINDS = ("impression", "click")
 
 
@@ -193,7 +196,7 @@ def _retrieval(df: pd.DataFrame, ft: FeatureTables, n_hard: int, profile: list[s
     df = numpy_frame(df)
     c = df[df["label"] == 1]
     cols = ["ts", "request_id", "user_key", "user_idx", "item_key", "item_idx", "cat_idx", "brand_idx",
-            "hist_end", "seq_len_long", "seq_len_short", "n_hard", *profile, "split"]
+            "hist_end", "seq_len_long", "seq_len_short", "n_hard", *profile, *STATE_AND_COUNTERS, "split"]
     table = pa.Table.from_pandas(c[cols].reset_index(drop=True), preserve_index=False)
     hard = np.stack([c[f"hard_neg_{j}"].to_numpy(np.int64) for j in range(n_hard)], 1) if n_hard else np.zeros((len(c), 0), np.int64)
     title = ft.title_tokens[c["item_key"].to_numpy()].astype(np.int32)

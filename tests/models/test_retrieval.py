@@ -1,0 +1,224 @@
+"""KARMA, the two-tower (and its AdaF2M2 towers), and the retrieval metrics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.karma import KARMA, KARMAConfig
+from models.losses import loss_terms, total_loss
+from models.two_tower import TwoTower, TwoTowerConfig, log_q, sampled_softmax_loss
+from tests.models.conftest import make_batch
+from training.metrics import hit_rate_at_k, jaccard_at_k, ndcg_at_k, recall_at_k
+
+N_ITEMS, T, L = 30, 6, 8
+
+
+@pytest.fixture
+def titles():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(2, 40, (N_ITEMS + 1, T), generator=g)
+    t[0] = 0
+    t[5, 3:] = 0
+    return t
+
+
+def karma_batch(B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, L + 1, (B,), generator=g)
+    lens[0] = 0
+    hist = torch.randint(1, N_ITEMS + 1, (B, L), generator=g)
+    hist = torch.where(torch.arange(L)[None, :] >= (L - lens)[:, None], hist, 0)
+    hard = torch.randint(1, N_ITEMS + 1, (B, 3), generator=g)
+    hard[1:3, 1:] = 0
+    return {"hist_item_key": hist, "hist_len": lens, "item_key": torch.randint(1, N_ITEMS + 1, (B,), generator=g),
+            "hard_negs": hard}
+
+
+def karma(titles, **kw):
+    torch.manual_seed(0)
+    return KARMA(KARMAConfig(**{**vars(KARMAConfig.tiny()), **kw}), titles, max_history=L)
+
+
+def test_karma_shapes_and_finite_losses(titles):
+    m = karma(titles)
+    out = m(karma_batch())
+    assert out.logits.shape == (6,)
+    terms = loss_terms(out)
+    assert set(terms) == {"main", "gen", "recon"} and all(torch.isfinite(t) for t in terms.values())
+    assert m.encode_items(torch.tensor([1, 2, 3])).shape == (3, 16)
+
+
+def test_karma_user_embedding_ignores_padding(titles):
+    m = karma(titles).eval()
+    b = karma_batch()
+    noisy = b["hist_item_key"].clone()
+    pad = torch.arange(L)[None, :] < (L - b["hist_len"])[:, None]
+    noisy[pad] = torch.randint(1, N_ITEMS + 1, (int(pad.sum()),))
+    with torch.no_grad():
+        assert torch.allclose(m.encode_users(b["hist_item_key"], b["hist_len"]), m.encode_users(noisy, b["hist_len"]),
+                              atol=1e-5)
+
+
+def test_karma_training_h_t_equals_the_serving_user_embedding(titles):
+    m = karma(titles).eval()
+    b = karma_batch()
+    with torch.no_grad():
+        out = m(b)
+        u = m.encode_users(b["hist_item_key"], b["hist_len"])
+        assert torch.allclose(out.logits, (u * m.encode_items(b["item_key"])).sum(-1), atol=1e-5)
+
+
+def test_decoding_heads_get_gradients_and_are_absent_from_serving(titles):
+    m = karma(titles)
+    out = m(karma_batch())
+    total_loss(loss_terms(out), m.loss_weights()).backward()
+    lm = m.decoder.lm_head.weight  # tied with the input token embeddings
+    assert lm.grad is not None and lm.grad.abs().sum() > 0
+    calls = []
+    hook = m.decoder.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        b = karma_batch()
+        m.encode_users(b["hist_item_key"], b["hist_len"])
+        m.encode_items(b["item_key"])
+    hook.remove()
+    assert not calls
+
+
+def test_action_only_karma_skips_decoding(titles):
+    m = karma(titles, lam_dec=0.0)
+    out = m(karma_batch())
+    assert not out.aux and m.loss_weights() == {}
+
+
+def test_warmup_decodes_titles_from_item_embeddings(titles):
+    m = karma(titles)
+    loss = m.warmup_loss(torch.tensor([1, 5, 7]))
+    loss.backward()
+    assert torch.isfinite(loss) and m.item_proj.weight.grad.abs().sum() > 0
+
+
+def test_karma_overfits_a_tiny_batch(titles):
+    m = karma(titles)
+    b = karma_batch(B=8, seed=1)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(80):
+        loss = total_loss(loss_terms(m(b)), m.loss_weights())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
+
+
+def test_decoder_save_and_load_round_trip(titles, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = karma(titles).eval()
+    m.decoder.save_pretrained(tmp_path / "dec")
+    loaded = karma(titles, decoder_path=str(tmp_path / "dec")).eval()
+    assert type(loaded.decoder).__name__ == "Qwen3ForCausalLM"
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path / "dec", local_files_only=True, dtype=torch.float32)
+    for (n, a), (_, b) in zip(m.decoder.state_dict().items(), direct.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    loaded.load_state_dict(m.state_dict())
+    b = karma_batch()
+    with torch.no_grad():
+        assert torch.allclose(m.encode_users(b["hist_item_key"], b["hist_len"]),
+                              loaded.encode_users(b["hist_item_key"], b["hist_len"]))
+
+
+# --------------------------------------------------------------------------- two-tower
+
+
+def test_sampled_softmax_matches_a_hand_computed_3x3():
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    v = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    logq = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    tau = 0.5
+    s = [[(u[i] @ v[j]).item() / tau - logq[j].item() for j in range(3)] for i in range(3)]
+    want = sum(-s[i][i] + math.log(sum(math.exp(x) for x in s[i])) for i in range(3)) / 3
+    got = sampled_softmax_loss(u, v, torch.tensor([1, 2, 3]), logq, tau)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_duplicate_items_are_not_negatives():
+    u = torch.eye(3)
+    v = torch.eye(3)
+    with_dup = sampled_softmax_loss(u, v, torch.tensor([1, 1, 2]), None, 1.0)
+    s = [1.0, 0.0]  # row 0 sees its positive and item 2, not the duplicate of item 1
+    assert with_dup.item() < sampled_softmax_loss(u, v, torch.tensor([1, 3, 2]), None, 1.0).item()
+    assert s
+
+
+@pytest.mark.parametrize("ada", [False, True])
+def test_two_tower_trains_and_serves(spec, ada):
+    torch.manual_seed(0)
+    cfg = TwoTowerConfig(**{**vars(TwoTowerConfig.tiny()), "adaf2m2": ada})
+    m = TwoTower(spec, cfg)
+    b = make_batch(spec, B=16, seed=2)
+    b["item_logq"] = log_q(torch.randint(1, 50, (16,)))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        out = m(b)
+        loss = total_loss(loss_terms(out), m.loss_weights())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
+    assert ("feature_mask" in out.aux) == ada
+    m.eval()
+    with torch.no_grad():
+        assert not m(b).aux
+        u, v = m.encode_users(b), m.encode_items(b)
+        assert u.shape == v.shape == (16, cfg.dim)
+
+
+def test_tower_adapters_see_only_their_own_side(spec):
+    torch.manual_seed(0)
+    m = TwoTower(spec, TwoTowerConfig(**{**vars(TwoTowerConfig.tiny()), "adaf2m2": True})).eval()
+    b = make_batch(spec, B=8)
+    with torch.no_grad():
+        v0 = m.encode_items(b)
+        b2 = dict(b)
+        for n in ("user_idx", "user_active_days_7", "user_active_days_30", "user_clicks_before"):
+            b2[n] = torch.roll(b[n], 1)
+        assert torch.allclose(m.encode_items(b2), v0)  # user states never reach the item tower
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _slow(retrieved, target, relevant, titles_r, title_t, k):
+    hr, nd, rc, js = [], [], [], []
+    for q in range(len(target)):
+        top = [x for x in retrieved[q, :k]]
+        hr.append(float(target[q] in top and target[q] > 0))
+        nd.append(sum(1 / math.log2(i + 2) for i, x in enumerate(top) if x == target[q] and x > 0))
+        rel = {x for x in relevant[q] if x > 0}
+        if rel:
+            rc.append(len(rel & {x for x in top if x > 0}) / len(rel))
+        a = {x for x in title_t[q] if x > 0}
+        for j in range(k):
+            b = {x for x in titles_r[q, j] if x > 0}
+            js.append(len(a & b) / len(a | b) if a | b else 0.0)
+    return np.mean(hr), np.mean(nd), np.mean(rc), np.mean(js)
+
+
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_metrics_agree_with_a_slow_reference(k):
+    rng = np.random.default_rng(0)
+    Q, K = 200, 10
+    retrieved = rng.integers(0, 30, (Q, K))
+    target = rng.integers(1, 30, Q)
+    relevant = np.where(rng.random((Q, 4)) < 0.5, rng.integers(1, 30, (Q, 4)), 0)
+    titles_r = np.where(rng.random((Q, K, 6)) < 0.8, rng.integers(1, 12, (Q, K, 6)), 0)
+    title_t = np.where(rng.random((Q, 6)) < 0.8, rng.integers(1, 12, (Q, 6)), 0)
+    want = _slow(retrieved, target, relevant, titles_r, title_t, k)
+    got = (hit_rate_at_k(retrieved, target, k), ndcg_at_k(retrieved, target, k),
+           recall_at_k(retrieved, relevant, k), jaccard_at_k(titles_r, title_t, k))
+    assert np.allclose(got, want)
