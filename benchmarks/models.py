@@ -85,11 +85,20 @@ def flops_per_sample(name: str, spec: FeatureSpec, device: str) -> float:
 
 
 def max_batch(name: str, L: int, B: int, mem_bytes: int) -> int:
-    """Attention over all L behaviors materialises (B, heads, T, T) scores on CPU: shrink B to fit."""
-    if name != "cdnet_full_seq":
-        return B
+    """Largest batch (≤ B, a multiple of 32) whose activations fit in 40% of free memory.
+
+    Estimated per sample for the models that materialise per-behavior tensors: DIN's
+    attention MLP input [q, k, q−k, q⊙k] and hidden layers over all L behaviors, and the
+    full-sequence Transformer's (heads × T × T) scores; fp32, ×4 for what autograd keeps
+    and the gradients. The rest stays at B."""
+    db = 3 * 64
     T = L + 1 + 20
-    per_sample = 2 * T * T * 4 * 6  # scores + softmax + grads, fp32, a few copies
+    per_sample = {
+        "din_long": L * (4 * db + 64 + 32) * 4 * 4,
+        "cdnet_full_seq": (2 * T * T + T * 64 * 8) * 4 * 4,
+    }.get(name)
+    if per_sample is None:
+        return B
     return max(32, min(B, int(mem_bytes * 0.4 // per_sample) // 32 * 32))
 
 

@@ -51,6 +51,14 @@ class FeatureSpec:
     def num_fields(self) -> int:
         return len(self.categorical) + len(self.numeric)
 
+    def subset(self, keep) -> FeatureSpec:
+        """The spec restricted to the fields for which `keep(name)` is true."""
+        return FeatureSpec(
+            categorical={k: v for k, v in self.categorical.items() if keep(k)},
+            numeric={k: v for k, v in self.numeric.items() if keep(k)},
+            seq_len=self.seq_len, short_len=self.short_len, state=dict(self.state), id_fields=self.id_fields,
+        )
+
     @classmethod
     def from_json(cls, path: str | Path) -> FeatureSpec:
         raw = json.loads(Path(path).read_text())

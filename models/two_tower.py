@@ -2,6 +2,8 @@
 
 Notation: B batch, D field dim, d tower output dim, F_u / F_i user / item fields.
 
+- Only user-side fields (user_idx, u_*, user_*) and item-side fields (item_idx, cat_idx,
+  brand_idx, item_*) are embedded; context fields belong to neither tower.
 - User tower: MLP over the user's fields (user id, profile, user-side counters and
   state) ⊕ the masked mean of the history's behaviors; item tower: MLP over the item's
   fields (item id, category, brand, item-side counters). Outputs L2-normalised.
@@ -62,12 +64,18 @@ def sampled_softmax_loss(u: Tensor, v: Tensor, item_keys: Tensor, logq: Tensor |
     return F.cross_entropy(s, torch.arange(len(u), device=u.device))
 
 
+def is_item_side(name: str) -> bool:
+    return name in ITEM_SIDE or name.startswith("item_")
+
+
+def is_user_side(name: str) -> bool:
+    return name == "user_idx" or name.startswith(("u_", "user_"))
+
+
 def split_fields(spec: FeatureSpec) -> tuple[list[int], list[int]]:
-    """Indices of user-side and item-side fields in `spec.fields` (context fields go to neither)."""
+    """Indices of user-side and item-side fields in `spec.fields`."""
     names = spec.fields
-    item = [i for i, n in enumerate(names) if n in ITEM_SIDE or n.startswith("item_")]
-    user = [i for i, n in enumerate(names) if n == "user_idx" or n.startswith(("u_", "user_"))]
-    return user, item
+    return [i for i, n in enumerate(names) if is_user_side(n)], [i for i, n in enumerate(names) if is_item_side(n)]
 
 
 class TowerAdapter(nn.Module):
@@ -88,6 +96,8 @@ class TwoTower(nn.Module):
 
     def __init__(self, spec: FeatureSpec, cfg: TwoTowerConfig):
         super().__init__()
+        # Context fields (position, hour, ...) belong to neither tower: they are not embedded.
+        spec = spec.subset(lambda n: is_user_side(n) or is_item_side(n))
         self.spec, self.cfg = spec, cfg
         d = cfg.embed_dim
         self.embedding = FieldEmbedding(spec, d)

@@ -45,7 +45,7 @@ from pipeline.validate import (
 SPLITS = ("train", "val", "test")
 # past-only user/item signals the retrieval towers (and their AdaF2M2 adapters) read
 STATE_AND_COUNTERS = ("user_active_days_7", "user_active_days_30", "user_exposures_before", "user_clicks_before",
-                      "user_ctr", "item_exposures_before", "item_clicks_before", "item_ctr")
+                      "user_ctr", "item_exposures_before", "item_clicks_before", "item_ctr", "item_age_days")
 EXPOSURE_KINDS = ("impression", "click")
 
 

@@ -1,0 +1,66 @@
+"""Example rows (the ingest's Parquet) → model batches: histories gathered at batch time.
+
+`RankingBatcher` turns a dict of NumPy columns of ranking examples into the batch of
+models/spec.py (hist_item_idx / hist_cat_idx / hist_brand_idx, hist_len, fields,
+label); `RetrievalBatcher` does the same for retrieval examples (hist_item_key, item_key,
+hard_negs, target_title, state signals). Pure NumPy/PyTorch: usable as the
+`collate_fn` of Ray Data's `iter_torch_batches`, or on a plain DataFrame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.spec import FeatureSpec
+from pipeline.history import HistoryStore
+
+_SEQ = {"hist_item_idx": "item_idx", "hist_cat_idx": "cat_idx", "hist_brand_idx": "brand_idx"}
+
+
+def _column(batch: dict[str, np.ndarray], name: str) -> np.ndarray:
+    v = batch[name]
+    if v.dtype == object:  # list columns arrive as arrays of arrays
+        return np.stack(v)
+    return v
+
+
+class RankingBatcher:
+    def __init__(self, spec: FeatureSpec, history: HistoryStore, seq_len: int | None = None):
+        self.spec, self.history = spec, history
+        self.seq_len = seq_len or spec.seq_len
+
+    @classmethod
+    def from_dir(cls, root: str | Path, seq_len: int | None = None) -> RankingBatcher:
+        spec = FeatureSpec.from_json(Path(root) / "feature_spec.json")
+        if seq_len:
+            spec.seq_len = seq_len
+        return cls(spec, HistoryStore.load(root), seq_len)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        g = self.history.gather(np.asarray(rows["user_key"]), np.asarray(rows["hist_end"]), self.seq_len)
+        out = {n: torch.as_tensor(np.asarray(rows[n]).astype(np.int64)) for n in self.spec.categorical}
+        out |= {n: torch.as_tensor(np.asarray(rows[n]).astype(np.float32)) for n in self.spec.numeric}
+        out |= {s: torch.as_tensor(g[f]) for s, f in _SEQ.items()}
+        out["hist_len"] = torch.as_tensor(g["len"])
+        out["label"] = torch.as_tensor(np.asarray(rows["label"]).astype(np.float32))
+        out["user_key"] = torch.as_tensor(np.asarray(rows["user_key"]).astype(np.int64))
+        return out
+
+
+class RetrievalBatcher(RankingBatcher):
+    """Adds what retrieval models read: item keys of the history, the target and the hard negatives."""
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        g = self.history.gather(np.asarray(rows["user_key"]), np.asarray(rows["hist_end"]), self.seq_len)
+        out = {n: torch.as_tensor(np.asarray(rows[n]).astype(np.int64)) for n in self.spec.categorical if n in rows}
+        out |= {n: torch.as_tensor(np.asarray(rows[n]).astype(np.float32)) for n in self.spec.numeric if n in rows}
+        out |= {s: torch.as_tensor(g[f]) for s, f in _SEQ.items()}
+        out["hist_item_key"] = torch.as_tensor(g["item_key"])
+        out["hist_len"] = torch.as_tensor(g["len"])
+        out["item_key"] = torch.as_tensor(np.asarray(rows["item_key"]).astype(np.int64))
+        out["hard_negs"] = torch.as_tensor(_column(rows, "hard_negs").astype(np.int64))
+        out["target_title"] = torch.as_tensor(_column(rows, "target_title").astype(np.int64))
+        return out
