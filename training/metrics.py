@@ -1,12 +1,64 @@
-"""Retrieval metrics, vectorised over queries (never a Python loop per user).
+"""Ranking and retrieval metrics, vectorised (never a Python loop per user or row).
 
-retrieved (Q, K) item keys in rank order (0 = an empty slot); target (Q,) the clicked
-item; relevant (Q, M) all relevant items, 0-padded. Titles are (.., T) token ids, 0 = pad.
+Ranking: `auc`, `gauc` (per-user AUC weighted by the user's impressions, users with
+one class skipped), `logloss`, `group_auc` (AUC within state groups, e.g. new vs old
+users, cold vs hot items).
+Retrieval: retrieved (Q, K) item keys in rank order (0 = an empty slot); target (Q,) the
+clicked item; relevant (Q, M) all relevant items, 0-padded; titles (.., T) token ids, 0 = pad.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann–Whitney) formula, ties averaged; NaN with one class."""
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(scores)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """Group AUC (Zhou et al., 2018): Σ_u w_u AUC_u / Σ_u w_u, w_u = impressions of u,
+    over users with both classes. One lexsort; ties averaged within (user, score)."""
+    y = np.asarray(labels).astype(np.int64)
+    s, g = np.asarray(scores, dtype=np.float64), np.asarray(groups)
+    order = np.lexsort((s, g))
+    y, s, g = y[order], s[order], g[order]
+    n = len(y)
+    new_g = np.r_[True, g[1:] != g[:-1]]
+    gid = np.cumsum(new_g) - 1
+    g_start = np.flatnonzero(new_g)
+    pos_in_g = np.arange(n) - g_start[gid] + 1  # 1-based rank within the user
+    new_tie = new_g | np.r_[True, s[1:] != s[:-1]]
+    tid = np.cumsum(new_tie) - 1
+    tie_rank = np.bincount(tid, weights=pos_in_g) / np.bincount(tid)  # average rank of each tie run
+    rank = tie_rank[tid]
+    n_pos = np.bincount(gid, weights=y)
+    n_all = np.bincount(gid).astype(np.float64)
+    n_neg = n_all - n_pos
+    r_pos = np.bincount(gid, weights=rank * y)
+    ok = (n_pos > 0) & (n_neg > 0)
+    if not ok.any():
+        return float("nan")
+    a = (r_pos[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2) / (n_pos[ok] * n_neg[ok])
+    return float((a * n_all[ok]).sum() / n_all[ok].sum())
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+def group_auc(labels: np.ndarray, scores: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:
+    """AUC inside each named row subset (e.g. {"new_users": ..., "cold_items": ...})."""
+    return {name: auc(labels[m], scores[m]) for name, m in masks.items()}
 
 
 def _hits(retrieved: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
