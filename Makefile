@@ -51,6 +51,9 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.sequences --data data/processed/small
+	$(PY) -m benchmarks.models
+	$(PY) -m benchmarks.lrea_serving
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
