@@ -1,0 +1,144 @@
+"""Ray Train for the ranking models: one `train_loop_per_worker`, a `TorchTrainer` around it.
+
+Ray touches the loop in four places only: the dataset shards (`get_dataset_shard`), the
+model preparation (`prepare_model`: device placement, DDP with several workers), the
+checkpoint to resume from (`get_checkpoint`) and `report`. Everything else is the plain
+PyTorch step and metrics of training/step.py.
+
+Per epoch: train over the shard, validate on the whole val set (not split across workers),
+report metrics with a checkpoint (model, optimizer, epoch, the best weights so far).
+After a worker failure, Ray restarts the group (`FailureConfig(max_failures)`) and the
+loop resumes from the latest checkpoint. Early stopping on val AUC; the best weights are
+evaluated on the test split in the last report.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from configs import FunnelConfig
+
+CKPT = "state.pt"
+
+
+def _shard_batches(name: str, batcher, batch_size: int, shuffle: bool, seed: int):
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    return shard.iter_torch_batches(
+        batch_size=batch_size, collate_fn=batcher, device="cpu",
+        local_shuffle_buffer_size=4 * batch_size if shuffle else None, local_shuffle_seed=seed if shuffle else None,
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from models import build_model
+    from training.batches import RankingBatcher
+    from training.step import predict_ranking, ranking_metrics, to_device, train_step
+
+    cfg: FunnelConfig = config["cfg"]
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    batcher = RankingBatcher.from_dir(config["data_dir"], seq_len=config.get("seq_len"))
+    model = build_model(config["model"], batcher.spec, config.get("params") or None, tiny=config.get("tiny", False))
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    state = {"epoch": 0, "best_auc": -1.0, "waited": 0, "best_model": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            saved = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
+        _unwrap(model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = {k: saved[k] for k in state}
+    fail_at = config.get("fail_once_at_epoch")
+    thresholds = {"new_user_max_clicks": config.get("new_user_max_clicks", 0),
+                  "cold_item_max_clicks": config.get("cold_item_max_clicks", 0)}
+    keep = ("user_clicks_before", "item_clicks_before")
+
+    for epoch in range(state["epoch"], t.epochs):
+        if fail_at is not None and epoch == fail_at and not ckpt_marker(config).exists():
+            ckpt_marker(config).touch()  # fail once, then never again
+            raise RuntimeError(f"injected failure at epoch {epoch} (test of resume-from-checkpoint)")
+        sums, n = {}, 0
+        for b in _shard_batches("train", batcher, t.batch_size, True, t.seed + epoch):
+            for k, v in train_step(model, to_device(b, device), opt, amp).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        val = ranking_metrics(predict_ranking(model, _shard_batches("val", batcher, t.batch_size, False, 0), device,
+                                              amp, keep), **thresholds)
+        metrics = {"epoch": epoch, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
+                   **{f"val_{k}": v for k, v in val.items()}}
+        improved = val["auc"] > state["best_auc"]
+        state["best_auc"] = max(state["best_auc"], val["auc"])
+        state["waited"] = 0 if improved else state["waited"] + 1
+        if improved:
+            state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        state["epoch"] = epoch + 1
+        stop = state["waited"] >= t.patience or state["epoch"] >= t.epochs
+        if stop:  # test the best weights in this, the last, report
+            _unwrap(model).load_state_dict(state["best_model"])
+            test = ranking_metrics(predict_ranking(model, _shard_batches("test", batcher, t.batch_size, False, 0),
+                                                   device, amp, keep), **thresholds)
+            metrics |= {f"test_{k}": v for k, v in test.items()} | {"best_val_auc": state["best_auc"]}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), **state}, Path(d) / CKPT)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        if stop:
+            break
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def ckpt_marker(config: dict[str, Any]) -> Path:
+    return Path(config["marker_dir"]) / "failed_once"
+
+
+def use_gpu(cfg: FunnelConfig) -> bool:
+    if cfg.train.use_gpu == "auto":
+        import ray
+
+        return torch.cuda.is_available() or (ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
+    return cfg.train.use_gpu == "true"
+
+
+def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None, *, name: str = "funnel",
+        tiny: bool = False, extra: dict[str, Any] | None = None):
+    """Run a TorchTrainer over the ingest output in `data_dir`; returns Ray's Result."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # shortens Ray Train's fixed cost (STACK.md)
+    root = Path(data_dir)
+    datasets = {s: ray.data.read_parquet(str(root / "ranking" / f"split={s}")) for s in ("train", "val", "test")}
+    storage = Path(cfg.train.storage_path).resolve()
+    marker_dir = storage / name
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "data_dir": str(root.resolve()), "model": model, "params": params,
+                           "tiny": tiny, "marker_dir": str(marker_dir), **(extra or {})},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg)),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
