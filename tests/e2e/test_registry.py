@@ -1,0 +1,96 @@
+"""MLflow (real, SQLite + local artifacts): run logging, the model format, the registry gate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from configs import FunnelConfig, TrackingConfig
+from models import build_model
+from models.spec import FeatureSpec
+from tests.models.conftest import make_batch
+from training.registry import load_model, log_run, register_with_gate, save_model_dir
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return dataclasses.replace(FunnelConfig(), tracking=TrackingConfig(
+        uri="sqlite:///runs/mlflow.db", artifact_location="runs/mlartifacts", experiment="test"))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    import json
+
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "feature_spec.json").write_text(json.dumps({"fingerprint": "fp-1"}))
+    return d
+
+
+def _run(cfg, data_dir, auc: float, name="dcnv2", seed=0):
+    spec = FeatureSpec.tiny()
+    torch.manual_seed(seed)
+    m = build_model(name, spec, {"embed_dim": 8, "hidden": [16]})
+    hist = [{"epoch": 0, "val_auc": auc - 0.01}, {"epoch": 1, "val_auc": auc}]
+    return log_run(cfg, name, {"embed_dim": 8, "hidden": [16]}, hist, {"test_auc": auc}, data_dir, m, spec), m
+
+
+def test_model_folder_round_trip_without_pickle(tmp_path):
+    spec = FeatureSpec.tiny()
+    torch.manual_seed(0)
+    m = build_model("adaf2m2:dlf", spec, {"base": {"embed_dim": 8, "layers": 1, "rank": 4, "n_low": 2, "n_high": 2,
+                                                  "n_implicit": 2, "block_hidden": [8], "hidden": [8]}}).eval()
+    d = save_model_dir(m, "adaf2m2:dlf", {"base": {"embed_dim": 8, "layers": 1, "rank": 4, "n_low": 2, "n_high": 2,
+                                                   "n_implicit": 2, "block_hidden": [8], "hidden": [8]}}, spec,
+                       tmp_path / "m")
+    assert sorted(p.name for p in d.iterdir()) == ["model.json", "weights.safetensors"]
+    b = make_batch(spec)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(d))(b).logits, m(b).logits)
+
+
+def test_gate_promotes_only_better_models(cfg, data_dir):
+    import mlflow
+
+    r1, _ = _run(cfg, data_dir, 0.70)
+    d1 = register_with_gate("dcnv2", r1)
+    assert d1["challenger"] and d1["reason"] == "no champion yet"
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("funnel-dcnv2", "champion", d1["version"])  # as the A/B would
+
+    r2, _ = _run(cfg, data_dir, 0.65, seed=1)
+    d2 = register_with_gate("dcnv2", r2)
+    assert not d2["challenger"] and d2["champion_value"] == pytest.approx(0.70)
+    assert int(client.get_model_version_by_alias("funnel-dcnv2", "challenger").version) == d1["version"]
+    tags = client.get_model_version("funnel-dcnv2", str(d2["version"])).tags
+    assert tags["gate.challenger"] == "False" and "0.65000 <= champion 0.70000" in tags["gate.reason"]
+
+    r3, m3 = _run(cfg, data_dir, 0.75, seed=2)
+    d3 = register_with_gate("dcnv2", r3)
+    assert d3["challenger"]
+    loaded = load_model("models:/funnel-dcnv2@challenger")
+    b = make_batch(FeatureSpec.tiny())
+    with torch.no_grad():
+        assert torch.equal(loaded(b).logits, m3.eval()(b).logits)
+    run = client.get_run(r3)
+    assert run.data.params["model.name"] == "dcnv2" and run.data.params["world.num_users"] == "300"
+    assert run.data.tags["dataset_fingerprint"] == "fp-1" and len(run.data.tags["git_commit"]) >= 7
+    assert [m.step for m in client.get_metric_history(r3, "val_auc")] == [0, 1]
+
+
+def test_gate_refuses_to_compare_across_datasets(cfg, data_dir, tmp_path):
+    import json
+
+    import mlflow
+
+    r1, _ = _run(cfg, data_dir, 0.70)
+    d1 = register_with_gate("dcnv2", r1)
+    mlflow.MlflowClient().set_registered_model_alias("funnel-dcnv2", "champion", d1["version"])
+    (data_dir / "feature_spec.json").write_text(json.dumps({"fingerprint": "fp-2"}))
+    r2, _ = _run(cfg, data_dir, 0.99)
+    d2 = register_with_gate("dcnv2", r2)
+    assert not d2["challenger"] and "another dataset" in d2["reason"]
