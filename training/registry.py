@@ -38,10 +38,11 @@ def registered_name(model: str) -> str:
 # --------------------------------------------------------------------------- model folders
 
 
-def save_model_dir(model: torch.nn.Module, name: str, params: dict | None, spec: FeatureSpec, out: str | Path) -> Path:
+def save_model_dir(model: torch.nn.Module, name: str, params: dict | None, spec: FeatureSpec, out: str | Path,
+                   tiny: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "model": name, "params": params or {}, "spec": asdict(spec)}
+    meta = {"format": FORMAT, "model": name, "params": params or {}, "tiny": tiny, "spec": asdict(spec)}
     # not sort_keys: the order of the spec's fields is the order of the embedding tokens
     (out / "model.json").write_text(json.dumps(meta, indent=2))
     save_weights(model.module if hasattr(model, "module") else model, str(out / "weights.safetensors"))
@@ -55,7 +56,7 @@ def load_model_dir(path: str | Path) -> torch.nn.Module:
         raise ValueError(f"{path}: not a Funnel model folder (format {meta.get('format')!r}, want {FORMAT!r})")
     spec_d = meta["spec"]
     spec_d["id_fields"] = tuple(spec_d["id_fields"])
-    model = build_model(meta["model"], FeatureSpec(**spec_d), meta["params"] or None)
+    model = build_model(meta["model"], FeatureSpec(**spec_d), meta["params"] or None, tiny=meta.get("tiny", False))
     missing, unexpected = load_weights(model, str(path / "weights.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit {meta['model']}: missing {missing}, unexpected {unexpected}")
@@ -103,7 +104,8 @@ def git_commit() -> str:
 
 
 def log_run(cfg: FunnelConfig, model_name: str, params: dict | None, history: list[dict[str, float]],
-            final: dict[str, float], data_dir: str | Path, model: torch.nn.Module, spec: FeatureSpec) -> str:
+            final: dict[str, float], data_dir: str | Path, model: torch.nn.Module, spec: FeatureSpec,
+            tiny: bool = False) -> str:
     """One MLflow run: the whole typed config as params, metrics per epoch, the dataset
     fingerprint and git commit as tags, feature_spec.json and the model folder as artifacts."""
     import mlflow
@@ -122,7 +124,7 @@ def log_run(cfg: FunnelConfig, model_name: str, params: dict | None, history: li
                          "data_dir": str(data_dir), "model": model_name})
         mlflow.log_artifact(str(data_dir / "feature_spec.json"))
         with tempfile.TemporaryDirectory() as d:
-            save_model_dir(model, model_name, params, spec, Path(d) / "model")
+            save_model_dir(model, model_name, params, spec, Path(d) / "model", tiny=tiny)
             mlflow.log_artifacts(str(Path(d) / "model"), artifact_path="model")
         return run.info.run_id
 

@@ -46,3 +46,31 @@ def test_resume_after_a_worker_failure(ray_session, tiny_cfg, tiny_data, tmp_pat
     assert res.metrics["epoch"] == 2  # all three epochs, resumed after the failure at epoch 1
     assert (tmp_path / "ray_runs" / "resume" / "failed_once").exists()
     assert "test_auc" in res.metrics
+
+
+def test_train_job_end_to_end(ray_session, tiny_cfg, tiny_data, tmp_path, monkeypatch, capsys):
+    """jobs.train: Ray Train fit → MLflow run → registry gate → one JSON line."""
+    import json
+
+    from jobs import train
+    from tests.conftest import ROOT
+    from training.registry import load_model
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model", "adaf2m2:dcnv2", "--tiny",
+            "--data", str(tiny_data), "--set", "train.epochs=1", "--set", "train.batch_size=1024"]
+    assert train.main(args) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["registered"] == "funnel-adaf2m2-dcnv2" and line["version"] == 1 and line["challenger"]
+    assert 0.5 < line["test_auc"] <= 1.0
+    assert load_model("models:/funnel-adaf2m2-dcnv2@challenger") is not None
+    assert (tmp_path / "runs" / "mlflow.db").exists()  # the default SQLite tracking store
+
+
+def test_train_job_rejects_bad_params(tiny_cfg, tiny_data):
+    from jobs import train
+    from tests.conftest import ROOT
+
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['nope'\]"):
+        train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--model", "cdnet", "--data", str(tiny_data),
+                    "--params", '{"nope": 1}'])

@@ -1,0 +1,73 @@
+"""Train one ranking model on Ray Train, log it to MLflow, register it through the gate.
+
+  python -m jobs.train --config configs/small.yaml --model cdnet [--data DIR] [--params '{"topk_ratio": 0.2}']
+
+Runs the ingest first when DIR holds no processed data. Models: cdnet, dlf, dcnv2, din,
+mean_pool, lrea, sim_hard, adaf2m2:<base> (params {"base": {...}, "adaf2m2": {...}}).
+Ends with one JSON line: the test metrics, the MLflow run and the registered version.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jobs.common import config_parser, init_ray, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = config_parser(__doc__)
+    p.add_argument("--model", required=True, help="model name (see above)")
+    p.add_argument("--data", help="processed data folder (default: data.output of the config)")
+    p.add_argument("--params", default="{}", help="the model's config as JSON; unknown keys are errors")
+    p.add_argument("--tiny", action="store_true", help="use the model's tiny preset (tests)")
+    args = p.parse_args(argv)
+    cfg = load(args)
+    try:
+        params = json.loads(args.params) or None
+    except json.JSONDecodeError as e:
+        p.error(f"--params is not JSON: {e}")
+    data = Path(args.data or cfg.data.output)
+    from models import build_model
+    from models.spec import FeatureSpec
+
+    if (data / "feature_spec.json").exists():  # fail fast on a bad name or params, before Ray starts
+        build_model(args.model, FeatureSpec.from_json(data / "feature_spec.json"), params, tiny=args.tiny)
+    init_ray()
+    if not (data / "feature_spec.json").exists():
+        import dataclasses
+
+        from pipeline.ingest import run_ingest
+
+        print(f"[train] no processed data in {data}: running the ingest first", flush=True)
+        run_ingest(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(data))))
+
+    from training.loop import CKPT, fit
+    from training.registry import log_run, register_with_gate
+
+    spec = FeatureSpec.from_json(data / "feature_spec.json")
+    run_name = f"{args.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = fit(cfg, str(data), args.model, params, name=run_name, tiny=args.tiny)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
+    model = build_model(args.model, spec, params, tiny=args.tiny)
+    model.load_state_dict(state["best_model"])
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    history = [{k: v for k, v in row.items() if not k.startswith("test_")} for row in history]
+    final = {k: v for k, v in result.metrics.items() if k.startswith("test_") or k == "best_val_auc"}
+    run_id = log_run(cfg, args.model, params, history, final, data, model, spec, tiny=args.tiny)
+    decision = register_with_gate(args.model, run_id)
+    print(json.dumps({"model": args.model, "run_id": run_id, "registered": decision["model"],
+                      "version": decision["version"], "challenger": decision["challenger"],
+                      "gate": decision["reason"], **final}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
