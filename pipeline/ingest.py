@@ -332,10 +332,11 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
     fin.map_batches(_clicks, batch_format="pandas").write_parquet(str(out / "clicks"))
     summary = combine_summary(fin.map_batches(partial_summary, batch_format="pandas").to_pandas()) | {
         "users": len(fin.unique("user_key")), "items": len(fin.unique("item_key"))}
+    reject_sets = (rejected.select_columns(["reason"]),
+                   dups.map_batches(_dup_rejects, batch_format="pandas").select_columns(["reason"]))
     reasons = pd.concat(
-        [d.groupby("reason").count().to_pandas() for d in (
-            rejected.select_columns(["reason"]), dups.map_batches(_dup_rejects, batch_format="pandas").select_columns(["reason"]))
-         if d.count()] or [pd.DataFrame({"reason": [], "count()": []})]
+        [r.groupby("reason").count().to_pandas() for r in reject_sets if r.count()]
+        or [pd.DataFrame({"reason": [], "count()": []})]
     ).groupby("reason")["count()"].sum()
     return _write_meta(out, plan, cat, summary, reasons, n_input, n_acc - n_dup, t_val, t_test, prior)
 

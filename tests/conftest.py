@@ -18,6 +18,22 @@ def tiny_cfg() -> FunnelConfig:
 
 
 @pytest.fixture(scope="session")
+def tiny_processed(tiny_cfg, tmp_path_factory) -> Path:
+    """The tiny world ingested once per session (single-process path, no Ray needed)."""
+    import dataclasses
+
+    from pipeline.ingest import run_ingest_local
+    from pipeline.readers import RawTables
+    from pipeline.simulator import simulate_local
+
+    out = tmp_path_factory.mktemp("tiny_processed")
+    cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, output=str(out)))
+    ev, items, users = simulate_local(cfg.world)
+    run_ingest_local(cfg, ev, RawTables(None, items, users, True, "simulator"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A real local Ray cluster for the whole session (2 CPUs, small object store)."""
     tmp = tmp_path_factory.mktemp("ray")

@@ -10,21 +10,12 @@ import torch
 from models import build_model, loss_terms, total_loss
 from models.karma import KARMA, KARMAConfig
 from models.two_tower import TwoTower, TwoTowerConfig
-from pipeline.ingest import run_ingest_local
-from pipeline.readers import RawTables
-from pipeline.simulator import simulate_local
 from training.batches import RankingBatcher, RetrievalBatcher
 
 
-@pytest.fixture(scope="module")
-def tiny_out(tiny_cfg, tmp_path_factory):
-    import dataclasses
-
-    out = tmp_path_factory.mktemp("tiny_ingest")
-    cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, output=str(out)))
-    ev, items, users = simulate_local(cfg.world)
-    run_ingest_local(cfg, ev, RawTables(None, items, users, True, "simulator"))
-    return out
+@pytest.fixture
+def tiny_out(tiny_processed):
+    return tiny_processed
 
 
 def _rows(df: pd.DataFrame) -> dict[str, np.ndarray]:

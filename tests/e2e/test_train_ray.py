@@ -6,21 +6,14 @@ import dataclasses
 
 import pytest
 
-from pipeline.ingest import run_ingest_local
-from pipeline.readers import RawTables
-from pipeline.simulator import simulate_local
 from training.loop import fit
 
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tiny_cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train_data")
-    cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, output=str(out)))
-    ev, items, users = simulate_local(cfg.world)
-    run_ingest_local(cfg, ev, RawTables(None, items, users, True, "simulator"))
-    return out
+@pytest.fixture
+def tiny_data(tiny_processed):
+    return tiny_processed
 
 
 def _cfg(tiny_cfg, tmp_path, **train):
