@@ -106,6 +106,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     num_workers: int = 1
+    cpus_per_worker: float = 1.0  # below 1 leaves room for Ray Data tasks (Tune trials on 2 cores)
     use_gpu: Literal["auto", "true", "false"] = "auto"
     seed: int = 0
     max_failures: int = 1

@@ -116,7 +116,8 @@ def use_gpu(cfg: FunnelConfig) -> bool:
 
 
 def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None, *, name: str = "funnel",
-        tiny: bool = False, extra: dict[str, Any] | None = None):
+        tiny: bool = False, extra: dict[str, Any] | None = None, callbacks: list | None = None,
+        storage_path: str | None = None):
     """Run a TorchTrainer over the ingest output in `data_dir`; returns Ray's Result."""
     import ray.data
     import ray.train
@@ -125,17 +126,19 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # shortens Ray Train's fixed cost (STACK.md)
     root = Path(data_dir)
     datasets = {s: ray.data.read_parquet(str(root / "ranking" / f"split={s}")) for s in ("train", "val", "test")}
-    storage = Path(cfg.train.storage_path).resolve()
+    storage = Path(storage_path or cfg.train.storage_path).resolve()
     marker_dir = storage / name
     marker_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "data_dir": str(root.resolve()), "model": model, "params": params,
                            "tiny": tiny, "marker_dir": str(marker_dir), **(extra or {})},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg)),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg),
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -142,9 +142,8 @@ def _finite(v: Any) -> bool:
 def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc") -> dict[str, Any]:
     """Register the run's model folder as a new version of funnel-<model>; alias it
     `challenger` only if it beats `champion` on `metric` over the same dataset fingerprint."""
-    from mlflow.exceptions import MlflowException
-
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     name = registered_name(model_name)
