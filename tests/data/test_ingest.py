@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from pipeline.history import HistoryStore
-from pipeline.ingest import read_rejects, run_ingest, run_ingest_local
+from pipeline.ingest import run_ingest, run_ingest_local
+from pipeline.outputs import read_rejects
 from pipeline.readers import RawTables
 from pipeline.simulator import simulate_local
 from tests.conftest import ROOT
