@@ -70,3 +70,28 @@ def test_fit_learns_the_tiny_world(tiny_out):
     assert len(res.history) == len(seen) == 2 and res.best_epoch in (0, 1)
     assert res.val["auc"] > 0.6 and res.test["auc"] > 0.6
     assert set(res.test) >= {"auc", "gauc", "logloss"}
+
+
+def test_karma_fit_and_full_catalogue_evaluation_on_the_tiny_world(tiny_out):
+    """KARMA fit on real retrieval rows: full-catalogue top-K evaluation with HR, NDCG, JS and
+    cold-start HR, early stopping on val HR@K. (Learning is slow on 1,157 clicks — about
+    0.19 HR@50 after 10 epochs against 0.10 chance and 0.68 for popularity — so this test
+    checks the mechanics; the fidelity report measures the claim.)"""
+    from training.retrieval import Catalogue, fit_karma
+
+    batcher = RetrievalBatcher.from_dir(tiny_out, seq_len=20)
+    cat = Catalogue.from_dir(tiny_out)
+
+    def loader(split, bs=128):
+        df = pd.read_parquet(tiny_out / "retrieval" / f"split={split}")
+        rows = _rows(df)
+        return lambda: (batcher({k: v[i:i + bs] for k, v in rows.items()}) for i in range(0, len(df), bs))
+
+    torch.manual_seed(0)
+    model = KARMA(KARMAConfig.tiny(), cat.titles, max_history=20)
+    res = fit_karma(model, loader("train"), loader("val"), loader("test"), cat, epochs=2, lr=3e-3, k=50)
+    assert len(res.history) == 2 and res.best_epoch in (0, 1)
+    assert res.val["hr@50"] == max(h["val_hr@50"] for h in res.history)  # the best weights were kept
+    assert {"hr@50", "ndcg@50", "js@50", "hr@50_cold", "n_cold"} <= set(res.test)
+    assert all(0.0 <= res.test[m] <= 1.0 for m in ("hr@50", "ndcg@50", "js@50", "hr@50_cold"))
+    assert res.test["n"] == len(pd.read_parquet(tiny_out / "retrieval" / "split=test"))
