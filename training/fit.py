@@ -25,6 +25,39 @@ class FitResult:
     test: dict[str, float] = field(default_factory=dict)
 
 
+def fit_early_stopping(model: nn.Module, train: Batches, evaluate: Callable[[], dict[str, float]], metric: str,
+                       opt: torch.optim.Optimizer, *, epochs: int, patience: int, device: str = "cpu",
+                       amp_dtype: torch.dtype | None = None,
+                       on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[int, list[dict[str, float]]]:
+    """Train epochs; after each, `evaluate()` on validation data; keep the weights of the epoch
+    with the best `metric` (higher is better) and stop after `patience` epochs without
+    improvement. Returns (best epoch, per-epoch history); the model ends with the best weights."""
+    best, best_state, best_epoch, waited = float("-inf"), None, -1, 0
+    history: list[dict[str, float]] = []
+    for epoch in range(epochs):
+        sums: dict[str, float] = {}
+        n = 0
+        for b in train():
+            for k, v in train_step(model, to_device(b, device), opt, amp_dtype).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        row = {"epoch": float(epoch), **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+        row |= {f"val_{k}": v for k, v in evaluate().items()}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if row[f"val_{metric}"] > best:
+            best, best_epoch, waited = row[f"val_{metric}"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return best_epoch, history
+
+
 def fit_ranking(model: nn.Module, train: Batches, val: Batches, test: Batches | None = None, *, epochs: int = 3,
                 lr: float = 1e-3, weight_decay: float = 0.0, patience: int = 2, device: str = "cpu",
                 amp_dtype: torch.dtype | None = None, seed: int = 0,
@@ -34,31 +67,7 @@ def fit_ranking(model: nn.Module, train: Batches, val: Batches, test: Batches | 
     torch.manual_seed(seed)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    best, best_state, best_epoch, waited = -1.0, None, -1, 0
-    res = FitResult(best_epoch=-1)
-    for epoch in range(epochs):
-        sums: dict[str, float] = {}
-        n = 0
-        for b in train():
-            for k, v in train_step(model, to_device(b, device), opt, amp_dtype).items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-        row = {"epoch": float(epoch), **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
-        row |= {f"val_{k}": v for k, v in ranking_metrics(predict_ranking(model, val(), device, amp_dtype)).items()}
-        res.history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if row["val_auc"] > best:
-            best, best_epoch, waited = row["val_auc"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            waited += 1
-            if waited >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    res.best_epoch = best_epoch
-    res.val = ranking_metrics(predict_ranking(model, val(), device, amp_dtype))
-    if test is not None:
-        res.test = ranking_metrics(predict_ranking(model, test(), device, amp_dtype))
-    return res
+    evaluate = lambda split: ranking_metrics(predict_ranking(model, split(), device, amp_dtype))  # noqa: E731
+    best_epoch, history = fit_early_stopping(model, train, lambda: evaluate(val), "auc", opt, epochs=epochs,
+                                             patience=patience, device=device, amp_dtype=amp_dtype, on_epoch=on_epoch)
+    return FitResult(best_epoch, history, evaluate(val), evaluate(test) if test is not None else {})

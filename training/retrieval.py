@@ -8,7 +8,6 @@ never appeared in training (item_idx = OOV), which only their text can place.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from training.fit import fit_early_stopping
 from training.metrics import hit_rate_at_k, jaccard_at_k, ndcg_at_k
-from training.step import to_device, train_step
+from training.step import to_device
 
 Batches = Callable[[], Iterable[dict[str, torch.Tensor]]]
 
@@ -90,29 +90,9 @@ def fit_karma(model, train: Batches, val: Batches, test: Batches | None, cat: Ca
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    best, best_state, best_epoch, waited = -1.0, None, -1, 0
-    res = RetrievalFit(best_epoch=-1)
-    metric = f"hr@{k}"
-    for epoch in range(epochs):
-        sums, n = {}, 0
-        for b in train():
-            for name, v in train_step(model, to_device(b, device), opt).items():
-                sums[name] = sums.get(name, 0.0) + v
-            n += 1
-        row = {"epoch": float(epoch), **{f"train_{a}": v / max(n, 1) for a, v in sums.items()}}
-        row |= {f"val_{a}": v for a, v in evaluate_karma(model, val(), cat, k, device).items()}
-        res.history.append(row)
-        if row[f"val_{metric}"] > best:
-            best, best_epoch, waited = row[f"val_{metric}"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            waited += 1
-            if waited >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    res.best_epoch = best_epoch
-    res.val = evaluate_karma(model, val(), cat, k, device)
+    best_epoch, history = fit_early_stopping(model, train, lambda: evaluate_karma(model, val(), cat, k, device),
+                                             f"hr@{k}", opt, epochs=epochs, patience=patience, device=device)
+    res = RetrievalFit(best_epoch, history, evaluate_karma(model, val(), cat, k, device))
     if test is not None:
         res.test = evaluate_karma(model, test(), cat, k, device)
     return res
