@@ -95,3 +95,18 @@ def test_karma_fit_and_full_catalogue_evaluation_on_the_tiny_world(tiny_out):
     assert {"hr@50", "ndcg@50", "js@50", "hr@50_cold", "n_cold"} <= set(res.test)
     assert all(0.0 <= res.test[m] <= 1.0 for m in ("hr@50", "ndcg@50", "js@50", "hr@50_cold"))
     assert res.test["n"] == len(pd.read_parquet(tiny_out / "retrieval" / "split=test"))
+
+
+def test_floors_on_the_tiny_world(tiny_out):
+    """The honest floors run on the same features and are better than chance."""
+    from training.floors import evaluate_floors, heuristic_scores
+
+    spec = RankingBatcher.from_dir(tiny_out).spec
+    train = pd.read_parquet(tiny_out / "ranking" / "split=train")
+    test = pd.read_parquet(tiny_out / "ranking" / "split=test")
+    res = evaluate_floors(train, test, spec)
+    assert set(res) == {"heuristic", "logistic", "gbdt"}
+    for name, m in res.items():
+        assert 0.55 < m["auc"] <= 1.0, (name, m)
+    assert "logloss" in res["logistic"] and "logloss" not in res["heuristic"]
+    assert np.isfinite(heuristic_scores(test)).all()
