@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p = config_parser(__doc__)
     p.add_argument("--source", choices=["simulator", "movielens", "movielens1m", "taobao", "parquet"])
     p.add_argument("--input", help="input file or folder for file sources")
-    p.add_argument("--output", help="output folder (default: data.output of the config)")
+    p.add_argument("--output", help="output folder (default: data.output of the config; data/processed/<source> "
+                                    "for a file source)")
     p.add_argument("--json", action="store_true", help="print stats.json instead of the summary")
     args = p.parse_args(argv)
     over = list(args.overrides)
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         over.append(f"data.input={args.input}")
     if args.output:
         over.append(f"data.output={args.output}")
+    elif args.source and args.source != "simulator":
+        over.append(f"data.output=data/processed/{args.source}")  # never over the simulator's folder
     args.overrides = over
     cfg = load(args)
     from pipeline.ingest import run_ingest
