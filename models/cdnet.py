@@ -159,6 +159,7 @@ class CDNet(RankingModel):
         return torch.cat(tokens, 1), torch.cat(pads, 1), torch.cat(types).to(emb.fields.device), layout
 
     def interact(self, emb: Embedded) -> Tensor:
+        """fields (B, F, D), behaviors (B, L, Db) → logits (B,); T = k_max + 1 + F tokens through the Transformer."""
         x, pad, ty, layout = self.tokens(emb)  # (B, T, D), T = k_max + 1 + F
         for blk in self.blocks:
             x = blk(x, pad, ty)

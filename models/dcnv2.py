@@ -44,6 +44,7 @@ class DCNv2(RankingModel):
         self.head = nn.Linear(d0 + self.deep.d_out, 1)
 
     def interact(self, emb: Embedded) -> Tensor:
+        """fields (B, F, D), behaviors (B, L, Db) → logits (B,); x0 = fields ⊕ pooled behaviors (B, F·D + Db)."""
         pooled = (self.attention(emb.target(), emb.seq, emb.seq_mask) if self.attention is not None
                   else masked_mean(emb.seq, emb.seq_mask))
         x0 = torch.cat([emb.fields.flatten(1), pooled], -1)  # (B, F·D + Db)

@@ -41,6 +41,7 @@ class DIN(RankingModel):
         self.mlp = MLP(spec.num_fields * cfg.embed_dim + db, cfg.hidden, 1, cfg.dropout)
 
     def interact(self, emb: Embedded) -> Tensor:
+        """fields (B, F, D), behaviors (B, L, Db) → logits (B,); attention over the last short_len or all L."""
         seq, mask = (emb.seq, emb.seq_mask) if self.cfg.sequence == "long" else short_view(emb, self.spec.short_len)
         interest = self.attention(emb.target(), seq, mask)  # (B, Db)
         return self.mlp(torch.cat([emb.fields.flatten(1), interest], -1)).squeeze(-1)

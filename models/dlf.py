@@ -157,6 +157,7 @@ class DLF(RankingModel):
         self.head = MLP(n * d, cfg.hidden, 1, cfg.dropout)
 
     def interact(self, emb: Embedded) -> Tensor:
+        """fields (B, F, D), behaviors (B, L, Db) → logits (B,); X_0 = fields ⊕ pooled behaviors (B, F + 1, D)."""
         seq = self.seq_token(masked_mean(emb.seq, emb.seq_mask)).unsqueeze(1)  # (B, 1, D)
         x0 = torch.cat([emb.fields, seq], 1)  # (B, n_0, D)
         x = x0

@@ -37,6 +37,7 @@ class MeanPoolDNN(RankingModel):
         self.mlp = MLP(spec.num_fields * cfg.embed_dim + db, cfg.hidden, 1, cfg.dropout)
 
     def interact(self, emb: Embedded) -> Tensor:
+        """fields (B, F, D), behaviors (B, L, Db) → logits (B,) via the masked mean of behaviors."""
         seq, mask = (emb.seq, emb.seq_mask) if self.cfg.use_long else short_view(emb, self.spec.short_len)
         pooled = masked_mean(seq, mask)  # (B, Db)
         return self.mlp(torch.cat([emb.fields.flatten(1), pooled], -1)).squeeze(-1)

@@ -54,6 +54,7 @@ class SIMHard(RankingModel):
         self.mlp = MLP(spec.num_fields * cfg.embed_dim + db, cfg.hidden, 1, cfg.dropout)
 
     def interact(self, emb: Embedded) -> Tensor:
+        """fields (B, F, D), behaviors (B, L, Db) + their category ids → logits (B,); attention over k ≤ L."""
         idx, ok = hard_search(emb.seq_cat, emb.seq_mask, emb.target_cat, self.cfg.k)
         kept = emb.seq.gather(1, idx.unsqueeze(-1).expand(-1, -1, emb.seq.shape[-1]))  # (B, k, Db)
         interest = self.attention(emb.target(), kept, ok)
