@@ -51,6 +51,7 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m benchmarks.pipeline
+	@test -f data/processed/small/stats.json || $(PY) -m jobs.ingest --config configs/small.yaml
 	$(PY) -m benchmarks.sequences --data data/processed/small
 	$(PY) -m benchmarks.models
 	$(PY) -m benchmarks.lrea_serving

@@ -6,11 +6,13 @@ same step and metrics; this one needs no Ray (benchmarks, GPU machines, notebook
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from training.step import predict_ranking, ranking_metrics, to_device, train_step
 
@@ -37,7 +39,8 @@ def fit_early_stopping(model: nn.Module, train: Batches, evaluate: Callable[[], 
     for epoch in range(epochs):
         sums: dict[str, float] = {}
         n = 0
-        for b in train():
+        bar = tqdm(train(), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not sys.stderr.isatty())
+        for b in bar:
             for k, v in train_step(model, to_device(b, device), opt, amp_dtype).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
