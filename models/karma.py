@@ -81,9 +81,14 @@ class SmallTextEncoder(nn.Module):
         return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
-def build_decoder(cfg: KARMAConfig, vocab: int, max_len: int) -> nn.Module:
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def build_decoder(cfg: KARMAConfig, vocab: int, max_len: int, hf_config: dict | None = None) -> nn.Module:
+    """The user decoder: from a saved HF config (reloading a Funnel model folder), a local
+    pretrained checkpoint (`decoder_path`), or a fresh Qwen3Config of the configured size."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+    if hf_config is not None:
+        conf = AutoConfig.for_model(**hf_config)
+        return AutoModelForCausalLM.from_config(conf)
     if cfg.decoder_path:
         dec = AutoModelForCausalLM.from_pretrained(cfg.decoder_path, local_files_only=True, dtype=torch.float32)
         if dec.get_input_embeddings().num_embeddings != vocab:
@@ -103,14 +108,18 @@ def build_decoder(cfg: KARMAConfig, vocab: int, max_len: int) -> nn.Module:
 class KARMA(nn.Module):
     Config = KARMAConfig
 
-    def __init__(self, cfg: KARMAConfig, title_tokens: Tensor, max_history: int, text_features: Tensor | None = None):
+    def __init__(self, cfg: KARMAConfig, title_tokens: Tensor, max_history: int, text_features: Tensor | None = None,
+                 decoder_config: dict | None = None, vocab: int | None = None):
         """title_tokens (n_keys, T): the item table's title ids by item key (row 0 = padding);
-        text_features (n_keys, F): precomputed sentence vectors when text_encoder == "features"."""
+        text_features (n_keys, F): precomputed sentence vectors when text_encoder == "features".
+        Both are saved with the weights, so a saved model is self-contained; `decoder_config`
+        (an HF config dict) rebuilds the decoder's architecture when loading one."""
         super().__init__()
-        self.cfg = cfg
-        self.register_buffer("titles", title_tokens.long(), persistent=False)
+        self.cfg, self.max_history = cfg, max_history
+        self.register_buffer("titles", title_tokens.long())
         self.title_len = title_tokens.shape[1]
-        self.vocab = int(title_tokens.max().item()) + 2 if title_tokens.numel() else 2
+        # title vocabulary + 1 start-of-title token; given explicitly when reloading
+        self.vocab = vocab or (int(title_tokens.max().item()) + 2 if title_tokens.numel() else 2)
         self.bos = self.vocab - 1  # start-of-title token
         if cfg.text_encoder == "small":
             self.text = SmallTextEncoder(self.vocab, self.title_len, cfg.text_dim, cfg.text_layers, cfg.text_heads)
@@ -118,11 +127,11 @@ class KARMA(nn.Module):
         else:
             if text_features is None:
                 raise ValueError("text_encoder='features' needs text_features (see models/text.py)")
-            self.register_buffer("features", text_features.float(), persistent=False)
+            self.register_buffer("features", text_features.float())
             self.text = None
             text_out = text_features.shape[1]
         self.item_proj = nn.Linear(text_out, cfg.dim)
-        self.decoder = build_decoder(cfg, self.vocab, max_history + 1 + self.title_len)
+        self.decoder = build_decoder(cfg, self.vocab, max_history + 1 + self.title_len, decoder_config)
         h = self.decoder.config.hidden_size
         self.start = nn.Parameter(torch.randn(h) * 0.02)
         self.to_hidden = nn.Linear(cfg.dim, h)

@@ -38,14 +38,21 @@ def registered_name(model: str) -> str:
 # --------------------------------------------------------------------------- model folders
 
 
-def save_model_dir(model: torch.nn.Module, name: str, params: dict | None, spec: FeatureSpec, out: str | Path,
-                   tiny: bool = False) -> Path:
+def save_model_dir(model: torch.nn.Module, name: str, params: dict | None, spec: FeatureSpec | None,
+                   out: str | Path, tiny: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "model": name, "params": params or {}, "tiny": tiny, "spec": asdict(spec)}
+    model = model.module if hasattr(model, "module") else model
+    if name == "karma":  # retrieval: its own constructor, the catalogue travels in the weights
+        meta = {"format": FORMAT, "model": name, "params": asdict(model.cfg), "max_history": model.max_history,
+                "vocab": model.vocab, "titles_shape": list(model.titles.shape),
+                "features_shape": list(model.features.shape) if model.text is None else None,
+                "decoder_config": model.decoder.config.to_dict()}
+    else:
+        meta = {"format": FORMAT, "model": name, "params": params or {}, "tiny": tiny, "spec": asdict(spec)}
     # not sort_keys: the order of the spec's fields is the order of the embedding tokens
     (out / "model.json").write_text(json.dumps(meta, indent=2))
-    save_weights(model.module if hasattr(model, "module") else model, str(out / "weights.safetensors"))
+    save_weights(model, str(out / "weights.safetensors"))
     return out
 
 
@@ -54,9 +61,17 @@ def load_model_dir(path: str | Path) -> torch.nn.Module:
     meta = json.loads((path / "model.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a Funnel model folder (format {meta.get('format')!r}, want {FORMAT!r})")
-    spec_d = meta["spec"]
-    spec_d["id_fields"] = tuple(spec_d["id_fields"])
-    model = build_model(meta["model"], FeatureSpec(**spec_d), meta["params"] or None, tiny=meta.get("tiny", False))
+    if meta["model"] == "karma":
+        from models.karma import KARMA, KARMAConfig
+
+        cfg = KARMAConfig(**meta["params"])
+        feats = torch.zeros(meta["features_shape"]) if meta.get("features_shape") else None
+        model = KARMA(cfg, torch.zeros(meta["titles_shape"], dtype=torch.long), meta["max_history"], feats,
+                      decoder_config=meta["decoder_config"], vocab=meta["vocab"])
+    else:
+        spec_d = meta["spec"]
+        spec_d["id_fields"] = tuple(spec_d["id_fields"])
+        model = build_model(meta["model"], FeatureSpec(**spec_d), meta["params"] or None, tiny=meta.get("tiny", False))
     missing, unexpected = load_weights(model, str(path / "weights.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit {meta['model']}: missing {missing}, unexpected {unexpected}")

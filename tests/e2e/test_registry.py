@@ -94,3 +94,23 @@ def test_gate_refuses_to_compare_across_datasets(cfg, data_dir, tmp_path):
     r2, _ = _run(cfg, data_dir, 0.99)
     d2 = register_with_gate("dcnv2", r2)
     assert not d2["challenger"] and "another dataset" in d2["reason"]
+
+
+@pytest.mark.parametrize("encoder", ["small", "features"])
+def test_karma_folder_round_trip_is_self_contained(tmp_path, encoder):
+    from models.karma import KARMA, KARMAConfig
+
+    g = torch.Generator().manual_seed(0)
+    titles = torch.randint(2, 40, (31, 6), generator=g)
+    titles[0] = 0
+    feats = torch.randn(31, 12, generator=g) if encoder == "features" else None
+    torch.manual_seed(0)
+    m = KARMA(KARMAConfig(**{**vars(KARMAConfig.tiny()), "text_encoder": encoder}), titles, 8, feats).eval()
+    d = save_model_dir(m, "karma", None, None, tmp_path / "karma")
+    loaded = load_model(str(d))
+    hist, lens = torch.randint(1, 31, (4, 8), generator=g), torch.tensor([0, 3, 8, 5])
+    keys = torch.arange(1, 31)
+    with torch.no_grad():
+        assert torch.equal(loaded.titles, titles)
+        assert torch.allclose(loaded.encode_items(keys), m.encode_items(keys))
+        assert torch.allclose(loaded.encode_users(hist, lens), m.encode_users(hist, lens))
