@@ -59,6 +59,12 @@ class FeatureSpec:
             seq_len=self.seq_len, short_len=self.short_len, state=dict(self.state), id_fields=self.id_fields,
         )
 
+    def with_numeric(self, name: str, transform: str = "none") -> FeatureSpec:
+        """The spec plus one numeric field (e.g. "karma_sim", KARMA's similarity as a ranking feature)."""
+        out = self.subset(lambda _: True)
+        out.numeric[name] = transform
+        return out
+
     @classmethod
     def from_json(cls, path: str | Path) -> FeatureSpec:
         raw = json.loads(Path(path).read_text())

@@ -28,8 +28,14 @@ def _column(batch: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 
 class RankingBatcher:
-    def __init__(self, spec: FeatureSpec, history: HistoryStore, seq_len: int | None = None):
-        self.spec, self.history = spec, history
+    """With `karma` (a trained KARMA), each row also gets `karma_sim`: the cosine between the
+    user's next-interest embedding from the same strictly-past history and the target item's
+    embedding — KARMA's use as a ranking feature (paper 004); build the ranking model on
+    `spec.with_numeric("karma_sim")`."""
+
+    def __init__(self, spec: FeatureSpec, history: HistoryStore, seq_len: int | None = None, karma=None,
+                 karma_len: int = 50):
+        self.spec, self.history, self.karma, self.karma_len = spec, history, karma, karma_len
         self.seq_len = seq_len or spec.seq_len
 
     @classmethod
@@ -47,7 +53,18 @@ class RankingBatcher:
         out["hist_len"] = torch.as_tensor(g["len"])
         out["label"] = torch.as_tensor(np.asarray(rows["label"]).astype(np.float32))
         out["user_key"] = torch.as_tensor(np.asarray(rows["user_key"]).astype(np.int64))
+        if self.karma is not None:
+            out["karma_sim"] = self.karma_similarity(rows)
         return out
+
+    @torch.inference_mode()
+    def karma_similarity(self, rows: dict[str, np.ndarray]) -> torch.Tensor:
+        """(B,) cos(h_user, e_target) from the frozen KARMA, on the user's last `karma_len` clicks."""
+        g = self.history.gather(np.asarray(rows["user_key"]), np.asarray(rows["hist_end"]), self.karma_len)
+        self.karma.eval()
+        u = self.karma.encode_users(torch.as_tensor(g["item_key"]), torch.as_tensor(g["len"]))
+        v = self.karma.encode_items(torch.as_tensor(np.asarray(rows["item_key"]).astype(np.int64)))
+        return torch.nn.functional.cosine_similarity(u, v, dim=-1).float()
 
 
 class RetrievalBatcher(RankingBatcher):

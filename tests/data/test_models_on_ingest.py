@@ -110,3 +110,22 @@ def test_floors_on_the_tiny_world(tiny_out):
         assert 0.55 < m["auc"] <= 1.0, (name, m)
     assert "logloss" in res["logistic"] and "logloss" not in res["heuristic"]
     assert np.isfinite(heuristic_scores(test)).all()
+
+
+def test_karma_similarity_as_a_ranking_feature(tiny_out):
+    from training.retrieval import Catalogue
+
+    cat = Catalogue.from_dir(tiny_out)
+    torch.manual_seed(0)
+    karma = KARMA(KARMAConfig.tiny(), cat.titles, max_history=20)
+    base = RankingBatcher.from_dir(tiny_out)
+    batcher = RankingBatcher(base.spec, base.history, karma=karma, karma_len=20)
+    batch = batcher(_rows(pd.read_parquet(tiny_out / "ranking" / "split=train").head(64)))
+    sim = batch["karma_sim"]
+    assert sim.shape == (64,) and ((sim >= -1) & (sim <= 1)).all()
+    spec = base.spec.with_numeric("karma_sim")
+    assert "karma_sim" not in base.spec.numeric  # the original spec is untouched
+    m = build_model("dcnv2", spec, tiny=True)
+    loss = total_loss(loss_terms(m(batch), batch["label"]), {})
+    loss.backward()
+    assert m.embedding.num_w.grad[list(spec.numeric).index("karma_sim")].abs().sum() > 0
