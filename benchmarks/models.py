@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import build_model, loss_terms, total_loss
 from models.spec import FeatureSpec
+from training.step import loss_weights
 
 MODELS = {
     "mean_pool": ("mean_pool", {"embed_dim": 64}),
@@ -69,7 +70,7 @@ def step(model, batch, amp_dtype):
     with torch.autocast(device_type=batch["label"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(batch)
         terms = loss_terms(out, batch["label"])
-    loss = total_loss(terms, model.loss_weights() if hasattr(model, "loss_weights") else {})
+    loss = total_loss(terms, loss_weights(model))
     model.zero_grad(set_to_none=True)
     loss.backward()
 
@@ -80,7 +81,7 @@ def flops_per_sample(name: str, spec: FeatureSpec, device: str) -> float:
     b = make_batch(spec, 32, device)
     with FlopCounterMode(display=False) as fc:
         out = m(b)
-        total_loss(loss_terms(out, b["label"]), m.loss_weights() if hasattr(m, "loss_weights") else {}).backward()
+        total_loss(loss_terms(out, b["label"]), loss_weights(m)).backward()
     return fc.get_total_flops() / 32
 
 

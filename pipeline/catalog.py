@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.examples import smoothed_ctr
+from pipeline.examples import numpy_frame, smoothed_ctr
 from pipeline.vocab import Vocab, encode_titles, tokenize
 
 ITEM_FIELDS = ("item_idx", "cat_idx", "brand_idx")
@@ -152,8 +152,6 @@ RANKING_COLUMNS = [
 def finalize(df: pd.DataFrame, ft: FeatureTables, prior: float, strength: float, long_len: int, short_len: int,
              n_hard: int) -> pd.DataFrame:
     """Exposure rows with counters → the ranking-example schema (vocab ids, context, rates)."""
-    from pipeline.examples import numpy_frame
-
     df = numpy_frame(df)
     ik, uk, ts = df["item_key"].to_numpy(), df["user_key"].to_numpy(), df["ts"].to_numpy()
     pos = df["position"].to_numpy()

@@ -154,8 +154,8 @@ def _pair_clicks(ev: pd.DataFrame, window: int) -> tuple[np.ndarray, np.ndarray]
     return tgt, first
 
 
-def _sample_negatives(pos: pd.DataFrame, clicks: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
-    """`num_negatives` items per positive, never one the user clicked at or before its ts."""
+def _sample_negatives(pos: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
+    """`num_negatives` items per positive (label-1 exposure), never one the user clicked at or before its ts."""
     k = ctx.num_negatives
     if k <= 0 or len(pos) == 0:
         return pos.iloc[0:0]
@@ -169,8 +169,8 @@ def _sample_negatives(pos: pd.DataFrame, clicks: pd.DataFrame, ctx: ExampleConte
     u = np.repeat(pos["user_key"].to_numpy(), k)
     t = np.repeat(pos["ts"].to_numpy(), k)
     # the user's first click time per item: forbidden at or after it
-    ck = clicks["user_key"].to_numpy() * n_keys + clicks["item_key"].to_numpy()
-    first_click = pd.Series(clicks["click_ts"].to_numpy()).groupby(ck).min()
+    ck = pos["user_key"].to_numpy() * n_keys + pos["item_key"].to_numpy()
+    first_click = pd.Series(pos["click_ts"].to_numpy()).groupby(ck).min()
     keys, first_ts = first_click.index.to_numpy(), first_click.to_numpy()
     items = np.zeros(len(u), dtype=np.int64)
     todo = np.ones(len(u), dtype=bool)
@@ -233,7 +233,7 @@ def annotate_user_events(df: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
 
     if not ctx.has_impressions:
         pos = ev[ev["is_exposure"] & (ev["label"] == 1)]
-        neg = _sample_negatives(pos, pos, ctx)
+        neg = _sample_negatives(pos, ctx)
         ev = pd.concat([ev, neg], ignore_index=True)
 
     x = ev["is_exposure"].to_numpy()

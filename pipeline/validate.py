@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipeline.examples import numpy_frame
+
 CORE_EVENT_KINDS = ("impression", "click")
 EVENT_REASONS = (
     "missing_user_id",
@@ -96,8 +98,6 @@ def validate_events(df: pd.DataFrame, rules: EventRules, known_items: pd.Index |
     (`normalize_ids`). `known_items` is the item table's normalised ids; when `rules.require_item_metadata`, an event on any other item is
     rejected as `item_without_metadata`.
     """
-    from pipeline.examples import numpy_frame
-
     df = numpy_frame(df)
     n = len(df)
     reason = np.full(n, "", dtype=object)
@@ -128,8 +128,6 @@ def validate_events(df: pd.DataFrame, rules: EventRules, known_items: pd.Index |
 
 def rejects_frame(df: pd.DataFrame, table: str) -> pd.DataFrame:
     """Rejected rows in the rejects dataset's schema: every value kept as text."""
-    from pipeline.examples import numpy_frame
-
     df = numpy_frame(df)
     rej = df[df["reject_reason"] != ""]
     cols = {}

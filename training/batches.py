@@ -45,12 +45,18 @@ class RankingBatcher:
             spec.seq_len = seq_len
         return cls(spec, HistoryStore.load(root), seq_len)
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def _fields_and_history(self, rows: dict[str, np.ndarray], present_only: bool) -> tuple[dict, dict]:
+        """Spec fields as tensors (all of them, or those `rows` has) plus the gathered histories."""
         g = self.history.gather(np.asarray(rows["user_key"]), np.asarray(rows["hist_end"]), self.seq_len)
-        out = {n: torch.as_tensor(np.asarray(rows[n]).astype(np.int64)) for n in self.spec.categorical}
-        out |= {n: torch.as_tensor(np.asarray(rows[n]).astype(np.float32)) for n in self.spec.numeric}
+        keep = (lambda n: n in rows) if present_only else (lambda n: True)
+        out = {n: torch.as_tensor(np.asarray(rows[n]).astype(np.int64)) for n in self.spec.categorical if keep(n)}
+        out |= {n: torch.as_tensor(np.asarray(rows[n]).astype(np.float32)) for n in self.spec.numeric if keep(n)}
         out |= {s: torch.as_tensor(g[f]) for s, f in _SEQ.items()}
         out["hist_len"] = torch.as_tensor(g["len"])
+        return out, g
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out, _ = self._fields_and_history(rows, present_only=False)  # a missing field is a KeyError naming it
         out["label"] = torch.as_tensor(np.asarray(rows["label"]).astype(np.float32))
         out["user_key"] = torch.as_tensor(np.asarray(rows["user_key"]).astype(np.int64))
         if self.karma is not None:
@@ -71,12 +77,8 @@ class RetrievalBatcher(RankingBatcher):
     """Adds what retrieval models read: item keys of the history, the target and the hard negatives."""
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        g = self.history.gather(np.asarray(rows["user_key"]), np.asarray(rows["hist_end"]), self.seq_len)
-        out = {n: torch.as_tensor(np.asarray(rows[n]).astype(np.int64)) for n in self.spec.categorical if n in rows}
-        out |= {n: torch.as_tensor(np.asarray(rows[n]).astype(np.float32)) for n in self.spec.numeric if n in rows}
-        out |= {s: torch.as_tensor(g[f]) for s, f in _SEQ.items()}
+        out, g = self._fields_and_history(rows, present_only=True)  # retrieval rows carry no context fields
         out["hist_item_key"] = torch.as_tensor(g["item_key"])
-        out["hist_len"] = torch.as_tensor(g["len"])
         out["item_key"] = torch.as_tensor(np.asarray(rows["item_key"]).astype(np.int64))
         out["hard_negs"] = torch.as_tensor(_column(rows, "hard_negs").astype(np.int64))
         out["target_title"] = torch.as_tensor(_column(rows, "target_title").astype(np.int64))

@@ -9,14 +9,14 @@ never appeared in training (item_idx = OOV), which only their text can place.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from training.fit import fit_early_stopping
+from training.fit import FitResult, fit_early_stopping
 from training.metrics import hit_rate_at_k, jaccard_at_k, ndcg_at_k
 from training.step import to_device
 
@@ -68,17 +68,9 @@ def evaluate_karma(model, batches: Iterable[dict[str, torch.Tensor]], cat: Catal
     return out
 
 
-@dataclass
-class RetrievalFit:
-    best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    val: dict[str, float] = field(default_factory=dict)
-    test: dict[str, float] = field(default_factory=dict)
-
-
 def fit_karma(model, train: Batches, val: Batches, test: Batches | None, cat: Catalogue, *, epochs: int = 3,
               lr: float = 1e-3, k: int = 50, patience: int = 2, device: str = "cpu", warmup_epochs: int = 0,
-              seed: int = 0) -> RetrievalFit:
+              seed: int = 0) -> FitResult:
     """Optional warm-up epochs (titles decoded from item embeddings), then the KARMA loss;
     early stopping on val HR@K with the best weights kept."""
     torch.manual_seed(seed)
@@ -92,7 +84,7 @@ def fit_karma(model, train: Batches, val: Batches, test: Batches | None, cat: Ca
             opt.step()
     best_epoch, history = fit_early_stopping(model, train, lambda: evaluate_karma(model, val(), cat, k, device),
                                              f"hr@{k}", opt, epochs=epochs, patience=patience, device=device)
-    res = RetrievalFit(best_epoch, history, evaluate_karma(model, val(), cat, k, device))
+    res = FitResult(best_epoch, history, evaluate_karma(model, val(), cat, k, device))
     if test is not None:
         res.test = evaluate_karma(model, test(), cat, k, device)
     return res
