@@ -112,6 +112,10 @@ class TrainConfig:
     max_failures: int = 1
     patience: int = 2
     storage_path: str = "runs/ray"
+    seq_len: int = 0  # behaviors fed to the models; 0 = data.long_len
+    retrieval_k: int = 50  # HR/NDCG/JS@K of retrieval models; early stopping on val HR@K
+    new_user_max_clicks: int = 2  # AUC per state group: users with at most this many past clicks are "new"
+    cold_item_max_clicks: int = 2  # items with at most this many past clicks are "cold"
 
 
 @dataclass

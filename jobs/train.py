@@ -2,8 +2,10 @@
 
   python -m jobs.train --config configs/small.yaml --model cdnet [--data DIR] [--params '{"topk_ratio": 0.2}']
 
-Runs the ingest first when DIR holds no processed data. Models: cdnet, dlf, dcnv2, din,
-mean_pool, lrea, sim_hard, adaf2m2:<base> (params {"base": {...}, "adaf2m2": {...}}).
+Runs the ingest first when DIR holds no processed data. Ranking models: cdnet, dlf, dcnv2,
+din, mean_pool, lrea, sim_hard, adaf2m2:<base> (params {"base": {...}, "adaf2m2": {...}});
+retrieval models: karma, two_tower, adaf2m2:two_tower. The registry gate compares test AUC
+(ranking) or test HR@K (retrieval, K = train.retrieval_k).
 Ends with one JSON line: the test metrics, the MLflow run and the registered version.
 """
 
@@ -32,11 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as e:
         p.error(f"--params is not JSON: {e}")
     data = Path(args.data or cfg.data.output)
-    from models import build_model
-    from models.spec import FeatureSpec
+    from training.tasks import task_from_config
 
     if (data / "feature_spec.json").exists():  # fail fast on a bad name or params, before Ray starts
-        build_model(args.model, FeatureSpec.from_json(data / "feature_spec.json"), params, tiny=args.tiny)
+        task_from_config(args.model, data, cfg.train).build(args.model, params, tiny=args.tiny)
     init_ray()
     if not (data / "feature_spec.json").exists():
         import dataclasses
@@ -49,20 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     from training.loop import CKPT, fit
     from training.registry import log_run, register_with_gate
 
-    spec = FeatureSpec.from_json(data / "feature_spec.json")
+    task = task_from_config(args.model, data, cfg.train)
     run_name = f"{args.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = fit(cfg, str(data), args.model, params, name=run_name, tiny=args.tiny)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
-    model = build_model(args.model, spec, params, tiny=args.tiny)
+    model = task.build(args.model, params, tiny=args.tiny)
     model.load_state_dict(state["best_model"])
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     history = [{k: v for k, v in row.items() if not k.startswith("test_")} for row in history]
-    final = {k: v for k, v in result.metrics.items() if k.startswith("test_") or k == "best_val_auc"}
-    run_id = log_run(cfg, args.model, params, history, final, data, model, spec, tiny=args.tiny)
-    decision = register_with_gate(args.model, run_id)
+    final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "best_val_"))}
+    run_id = log_run(cfg, args.model, params, history, final, data, model, task.spec, tiny=args.tiny)
+    decision = register_with_gate(args.model, run_id, metric=f"test_{task.metric}")
     print(json.dumps({"model": args.model, "run_id": run_id, "registered": decision["model"],
                       "version": decision["version"], "challenger": decision["challenger"],
                       "gate": decision["reason"], **final}))

@@ -51,10 +51,30 @@ def make_config(cls: type, params: dict[str, Any] | None, where: str) -> Any:
     return cls(**params)
 
 
+def _two_tower(name: str, spec: FeatureSpec, params: dict[str, Any], tiny: bool) -> TwoTower:
+    """two_tower: params = TwoTowerConfig; adaf2m2:two_tower: {"base": {...}, "adaf2m2": {...}},
+    both parts fields of TwoTowerConfig (the AdaF2M2 towers live in the two-tower file)."""
+    if name == "two_tower":
+        cfg = make_config(TwoTowerConfig, params, "model.params (two_tower)") if params or not tiny else TwoTowerConfig.tiny()
+        if cfg.adaf2m2:
+            raise ValueError("two_tower: use the model name adaf2m2:two_tower for AdaF2M2 towers")
+        return TwoTower(spec, cfg)
+    unknown = sorted(set(params) - {"base", "adaf2m2"})
+    if unknown:
+        raise ValueError(f"model.params: unknown key(s) {unknown} for {name}; use 'base' and 'adaf2m2'")
+    base = dict(params.get("base") or ({} if not tiny else vars(TwoTowerConfig.tiny())))
+    merged = base | dict(params.get("adaf2m2") or {}) | {"adaf2m2": True}
+    return TwoTower(spec, make_config(TwoTowerConfig, merged, f"model.params ({name})"))
+
+
 def build_model(name: str, spec: FeatureSpec, params: dict[str, Any] | None = None, tiny: bool = False) -> nn.Module:
-    """`name` is a ranking model ("cdnet", "dlf", "dcnv2", "din", "mean_pool") or
-    "adaf2m2:<base>"; `params` is its config (for AdaF2M2: {"base": {...}, "adaf2m2": {...}})."""
+    """`name` is a ranking model ("cdnet", "dlf", "dcnv2", "din", "mean_pool", "lrea",
+    "sim_hard"), "adaf2m2:<base>", or the retrieval model "two_tower" / "adaf2m2:two_tower"
+    (KARMA needs the item catalogue: `training.tasks`); `params` is its config (for
+    AdaF2M2: {"base": {...}, "adaf2m2": {...}})."""
     params = dict(params or {})
+    if name in ("two_tower", "adaf2m2:two_tower"):
+        return _two_tower(name, spec, params, tiny)
     if name.startswith("adaf2m2:"):
         base_name = name.split(":", 1)[1]
         base = build_model(base_name, spec, params.pop("base", None), tiny)
@@ -64,7 +84,7 @@ def build_model(name: str, spec: FeatureSpec, params: dict[str, Any] | None = No
         cfg = make_config(AdaF2M2Config, ada, "model.params.adaf2m2") if ada or not tiny else AdaF2M2Config.tiny()
         return AdaF2M2(base, spec, cfg)
     if name not in RANKING:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(RANKING)} and adaf2m2:<base>")
+        raise ValueError(f"unknown model {name!r}; known: {sorted(RANKING)}, adaf2m2:<base>, two_tower, karma")
     cls = RANKING[name]
     cfg = make_config(cls.Config, params, f"model.params ({name})") if params or not tiny else cls.Config.tiny()
     return cls(spec, cfg)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layers import MLP, FieldEmbedding, ModelOutput, masked_mean
-from models.spec import FeatureSpec
+from models.spec import SEQ_FIELDS, FeatureSpec
 
 ITEM_SIDE = ("item_idx", "cat_idx", "brand_idx")
 
@@ -143,6 +143,23 @@ class TwoTower(nn.Module):
 
     def encode_items(self, batch: dict[str, Tensor]) -> Tensor:
         return self.encode(batch)[1]
+
+    def encode_item_table(self, items: dict[str, Tensor]) -> Tensor:
+        """(N, d) item embeddings from item-side fields only (N,) each — the catalogue for an
+        index. The item tower and its adapter read no user field, so the user side is filled
+        with zeros and an empty history."""
+        n = len(next(iter(items.values())))
+        dev = next(iter(items.values())).device
+        batch = {f: items[f] if is_item_side(f) else torch.zeros(n, device=dev, dtype=torch.long
+                                                                   if f in self.spec.categorical else torch.float32)
+                 for f in self.spec.fields}
+        batch |= {s: torch.zeros(n, 1, dtype=torch.long, device=dev) for s in SEQ_FIELDS}
+        batch["hist_len"] = torch.zeros(n, dtype=torch.long, device=dev)
+        return self.encode(batch)[1]
+
+    @property
+    def item_fields(self) -> list[str]:
+        return [f for f in self.spec.fields if is_item_side(f)]
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         u, v, p = self.encode(batch)

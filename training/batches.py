@@ -74,7 +74,19 @@ class RankingBatcher:
 
 
 class RetrievalBatcher(RankingBatcher):
-    """Adds what retrieval models read: item keys of the history, the target and the hard negatives."""
+    """Adds what retrieval models read: item keys of the history, the target and the hard
+    negatives; with `logq` (per item key, training.retrieval.Catalogue) also `item_logq`."""
+
+    def __init__(self, spec: FeatureSpec, history: HistoryStore, seq_len: int | None = None,
+                 logq: np.ndarray | None = None):
+        super().__init__(spec, history, seq_len)
+        self.logq = logq
+
+    @classmethod
+    def from_dir(cls, root: str | Path, seq_len: int | None = None, logq: np.ndarray | None = None) -> RetrievalBatcher:
+        b = super().from_dir(root, seq_len)
+        b.logq = logq
+        return b
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out, g = self._fields_and_history(rows, present_only=True)  # retrieval rows carry no context fields
@@ -82,4 +94,6 @@ class RetrievalBatcher(RankingBatcher):
         out["item_key"] = torch.as_tensor(np.asarray(rows["item_key"]).astype(np.int64))
         out["hard_negs"] = torch.as_tensor(_column(rows, "hard_negs").astype(np.int64))
         out["target_title"] = torch.as_tensor(_column(rows, "target_title").astype(np.int64))
+        if self.logq is not None:
+            out["item_logq"] = torch.as_tensor(self.logq[out["item_key"].numpy()])
         return out

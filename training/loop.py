@@ -1,15 +1,18 @@
-"""Ray Train for the ranking models: one `train_loop_per_worker`, a `TorchTrainer` around it.
+"""Ray Train for every model: one `train_loop_per_worker`, a `TorchTrainer` around it.
 
 Ray touches the loop in four places only: the dataset shards (`get_dataset_shard`), the
 model preparation (`prepare_model`: device placement, DDP with several workers), the
 checkpoint to resume from (`get_checkpoint`) and `report`. Everything else is the plain
 PyTorch step and metrics of training/step.py.
 
+What differs between ranking and retrieval models (rows, batches, evaluation, the metric
+to stop on) lives in training/tasks.py; the loop is the same for both.
+
 Per epoch: train over the shard, validate on the whole val set (not split across workers),
 report metrics with a checkpoint (model, optimizer, epoch, the best weights so far).
 After a worker failure, Ray restarts the group (`FailureConfig(max_failures)`) and the
-loop resumes from the latest checkpoint. Early stopping on val AUC; the best weights are
-evaluated on the test split in the last report.
+loop resumes from the latest checkpoint. Early stopping on val AUC (ranking) or HR@K
+(retrieval); the best weights are evaluated on the test split in the last report.
 """
 
 from __future__ import annotations
@@ -41,20 +44,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from models import build_model
-    from training.batches import RankingBatcher
-    from training.step import predict_ranking, ranking_metrics, to_device, train_step
+    from training.step import to_device, train_step
+    from training.tasks import task_from_config
 
     cfg: FunnelConfig = config["cfg"]
     t = cfg.train
     torch.manual_seed(t.seed)
-    batcher = RankingBatcher.from_dir(config["data_dir"], seq_len=config.get("seq_len"))
-    model = build_model(config["model"], batcher.spec, config.get("params") or None, tiny=config.get("tiny", False))
+    task = task_from_config(config["model"], config["data_dir"], t)
+    batcher, metric = task.batcher, task.metric
+    model = task.build(config["model"], config.get("params") or None, tiny=config.get("tiny", False))
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    state = {"epoch": 0, "best_auc": -1.0, "waited": 0, "best_model": None}
+    state = {"epoch": 0, "best": -1.0, "waited": 0, "best_model": None}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -63,9 +66,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in state}
     fail_at = config.get("fail_once_at_epoch")
-    thresholds = {"new_user_max_clicks": config.get("new_user_max_clicks", 0),
-                  "cold_item_max_clicks": config.get("cold_item_max_clicks", 0)}
-    keep = ("user_clicks_before", "item_clicks_before")
 
     for epoch in range(state["epoch"], t.epochs):
         if fail_at is not None and epoch == fail_at and not ckpt_marker(config).exists():
@@ -76,12 +76,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for k, v in train_step(model, to_device(b, device), opt, amp).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
-        val = ranking_metrics(predict_ranking(model, _shard_batches("val", batcher, t.batch_size, False, 0), device,
-                                              amp, keep), **thresholds)
+        val = task.evaluate(model, _shard_batches("val", batcher, t.batch_size, False, 0), device, amp)
         metrics = {"epoch": epoch, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
                    **{f"val_{k}": v for k, v in val.items()}}
-        improved = val["auc"] > state["best_auc"]
-        state["best_auc"] = max(state["best_auc"], val["auc"])
+        improved = val[metric] > state["best"]
+        state["best"] = max(state["best"], val[metric])
         state["waited"] = 0 if improved else state["waited"] + 1
         if improved:
             state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
@@ -89,9 +88,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = state["waited"] >= t.patience or state["epoch"] >= t.epochs
         if stop:  # test the best weights in this, the last, report
             _unwrap(model).load_state_dict(state["best_model"])
-            test = ranking_metrics(predict_ranking(model, _shard_batches("test", batcher, t.batch_size, False, 0),
-                                                   device, amp, keep), **thresholds)
-            metrics |= {f"test_{k}": v for k, v in test.items()} | {"best_val_auc": state["best_auc"]}
+            test = task.evaluate(model, _shard_batches("test", batcher, t.batch_size, False, 0), device, amp)
+            metrics |= {f"test_{k}": v for k, v in test.items()} | {f"best_val_{metric}": state["best"]}
         with tempfile.TemporaryDirectory() as d:
             torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), **state}, Path(d) / CKPT)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -123,9 +121,12 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from training.tasks import is_retrieval
+
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # shortens Ray Train's fixed cost (STACK.md)
     root = Path(data_dir)
-    datasets = {s: ray.data.read_parquet(str(root / "ranking" / f"split={s}")) for s in ("train", "val", "test")}
+    folder = "retrieval" if is_retrieval(model) else "ranking"
+    datasets = {s: ray.data.read_parquet(str(root / folder / f"split={s}")) for s in ("train", "val", "test")}
     storage = Path(storage_path or cfg.train.storage_path).resolve()
     marker_dir = storage / name
     marker_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,14 @@ import torch
 from configs import FunnelConfig
 from tune.spaces import knobs, space, to_params
 
-METRIC = "val_auc"
+
+def metric_names(model: str, cfg: FunnelConfig) -> tuple[str, str]:
+    """(val metric Tune optimises, test metric the registry gate compares): AUC for ranking
+    models, HR@K for retrieval models."""
+    from training.tasks import is_retrieval
+
+    m = f"hr_{cfg.train.retrieval_k}" if is_retrieval(model) else "auc"
+    return f"val_{m}", f"test_{m}"
 
 
 def _driver(trial: dict[str, Any]) -> None:
@@ -53,6 +60,7 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
     setup_tracking(cfg.tracking)
     import mlflow
 
+    metric, test_metric = metric_names(model, cfg)
     storage = str((Path(cfg.train.storage_path) / "tune").resolve())
     param_space = {**space(model), "cfg": cfg, "data_dir": str(Path(data_dir).resolve()), "model": model,
                    "base_params": base_params or {}, "storage": storage,
@@ -61,7 +69,7 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
         tune.with_resources(_driver, {"cpu": 0.01}),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=num_samples, max_concurrent_trials=cfg.tune.max_concurrent,
+            metric=metric, mode="max", num_samples=num_samples, max_concurrent_trials=cfg.tune.max_concurrent,
             scheduler=ASHAScheduler(time_attr="epoch", grace_period=cfg.tune.grace_period, max_t=max(cfg.train.epochs, 1)),
             search_alg=OptunaSearch(seed=cfg.train.seed),
         ),
@@ -77,16 +85,16 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
         if r.metrics is None:
             continue
         row = {k: r.config[k] for k in ("lr", *knobs(model))}
-        row |= {k: r.metrics.get(k) for k in (METRIC, "epoch", "test_auc", "checkpoint_path")}
+        row |= {k: r.metrics.get(k) for k in (metric, "epoch", test_metric, "checkpoint_path")}
         row["error"] = str(r.error) if r.error else ""
         rows.append(row)
-    table = pd.DataFrame(rows).sort_values(METRIC, ascending=False, na_position="last").reset_index(drop=True)
+    table = pd.DataFrame(rows).sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
     best = table.iloc[0].to_dict() if len(table) else {}
     return table, best
 
 
-def plot_knobs(table: pd.DataFrame, model: str, path: Path) -> Path:
-    """One panel per knob: val AUC of each trial against the knob's value."""
+def plot_knobs(table: pd.DataFrame, model: str, path: Path, metric: str = "val_auc") -> Path:
+    """One panel per knob: the val metric of each trial against the knob's value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,9 +103,9 @@ def plot_knobs(table: pd.DataFrame, model: str, path: Path) -> Path:
     cols = ["lr", *knobs(model)]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.2), squeeze=False)
     for ax, c in zip(axes[0], cols, strict=True):
-        ax.scatter(table[c], table[METRIC], s=30)
+        ax.scatter(table[c], table[metric], s=30)
         ax.set_xlabel(c.removeprefix("params."))
-        ax.set_ylabel(METRIC)
+        ax.set_ylabel(metric)
         if c == "lr" or c.endswith(".lam"):
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
@@ -113,28 +121,29 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
     """Log the table and plot to MLflow; send the best trial's model through the registry gate."""
     import mlflow
 
-    from models import build_model
-    from models.spec import FeatureSpec
     from training.loop import CKPT
     from training.registry import log_run, register_with_gate, setup_tracking
+    from training.tasks import task_from_config
 
+    metric, test_metric = metric_names(model, cfg)
     exp = setup_tracking(cfg.tracking)
     with tempfile.TemporaryDirectory() as d, mlflow.start_run(experiment_id=exp, run_name=f"tune-{model}"):
         table.to_csv(Path(d) / "tune_results.csv", index=False)
         mlflow.log_artifact(str(Path(d) / "tune_results.csv"))
-        mlflow.log_artifact(str(plot_knobs(table, model, Path(d) / "tune_knobs.png")))
+        mlflow.log_artifact(str(plot_knobs(table, model, Path(d) / "tune_knobs.png", metric)))
         mlflow.log_params({"model": model, "num_trials": len(table)})
-        mlflow.log_metric("best_val_auc", float(best[METRIC]))
-    spec = FeatureSpec.from_json(Path(data_dir) / "feature_spec.json")
+        mlflow.log_metric(f"best_{metric}", float(best[metric]))
+    task = task_from_config(model, data_dir, cfg.train)
     params = to_params(best, base_params)
     state = torch.load(Path(best["checkpoint_path"]) / CKPT, map_location="cpu", weights_only=True)
-    net = build_model(model, spec, params)
+    net = task.build(model, params)
     net.load_state_dict(state["best_model"])
-    final = {k: float(best[k]) for k in ("test_auc",) if best.get(k) is not None}
+    final = {k: float(best[k]) for k in (test_metric,) if best.get(k) is not None}
     tuned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=float(best["lr"])))
-    run_id = log_run(tuned, model, params, [], final | {"best_val_auc": float(best[METRIC])}, data_dir, net, spec)
-    decision = register_with_gate(model, run_id) if "test_auc" in final else {"challenger": False,
-                                                                              "reason": "best trial has no test metrics"}
+    run_id = log_run(tuned, model, params, [], final | {f"best_{metric}": float(best[metric])}, data_dir, net,
+                     task.spec)
+    decision = (register_with_gate(model, run_id, metric=test_metric) if test_metric in final
+                else {"challenger": False, "reason": "best trial has no test metrics"})
     return {"best": {k: v for k, v in best.items() if k != "checkpoint_path"}, "run_id": run_id, **decision}
 
 

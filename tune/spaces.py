@@ -20,8 +20,8 @@ def space(model: str) -> dict[str, Any]:
     if model.startswith("adaf2m2:"):
         return lr | {"params.adaf2m2.alpha": tune.uniform(0.0, 1.0)}
     if model == "karma":
-        raise ValueError("KARMA's lambda_dec search needs the retrieval training loop, not landed yet")
-    raise ValueError(f"no search space for {model!r}; tunable: cdnet, lrea, adaf2m2:<base>")
+        return lr | {"params.lam_dec": tune.uniform(0.0, 2.0)}
+    raise ValueError(f"no search space for {model!r}; tunable: cdnet, lrea, adaf2m2:<base>, karma")
 
 
 def knobs(model: str) -> list[str]:

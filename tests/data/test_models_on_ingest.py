@@ -77,7 +77,7 @@ def test_karma_fit_and_full_catalogue_evaluation_on_the_tiny_world(tiny_out):
     cold-start HR, early stopping on val HR@K. (Learning is slow on 1,157 clicks — about
     0.19 HR@50 after 10 epochs against 0.10 chance and 0.68 for popularity — so this test
     checks the mechanics; the fidelity report measures the claim.)"""
-    from training.retrieval import Catalogue, fit_karma
+    from training.retrieval import Catalogue, fit_retrieval
 
     batcher = RetrievalBatcher.from_dir(tiny_out, seq_len=20)
     cat = Catalogue.from_dir(tiny_out)
@@ -89,11 +89,11 @@ def test_karma_fit_and_full_catalogue_evaluation_on_the_tiny_world(tiny_out):
 
     torch.manual_seed(0)
     model = KARMA(KARMAConfig.tiny(), cat.titles, max_history=20)
-    res = fit_karma(model, loader("train"), loader("val"), loader("test"), cat, epochs=2, lr=3e-3, k=50)
+    res = fit_retrieval(model, loader("train"), loader("val"), loader("test"), cat, epochs=2, lr=3e-3, k=50)
     assert len(res.history) == 2 and res.best_epoch in (0, 1)
-    assert res.val["hr@50"] == max(h["val_hr@50"] for h in res.history)  # the best weights were kept
-    assert {"hr@50", "ndcg@50", "js@50", "hr@50_cold", "n_cold"} <= set(res.test)
-    assert all(0.0 <= res.test[m] <= 1.0 for m in ("hr@50", "ndcg@50", "js@50", "hr@50_cold"))
+    assert res.val["hr_50"] == max(h["val_hr_50"] for h in res.history)  # the best weights were kept
+    assert {"hr_50", "ndcg_50", "js_50", "hr_50_cold", "n_cold"} <= set(res.test)
+    assert all(0.0 <= res.test[m] <= 1.0 for m in ("hr_50", "ndcg_50", "js_50", "hr_50_cold"))
     assert res.test["n"] == len(pd.read_parquet(tiny_out / "retrieval" / "split=test"))
 
 

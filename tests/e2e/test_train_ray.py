@@ -22,14 +22,29 @@ def _cfg(tiny_cfg, tmp_path, **train):
 
 
 def test_one_worker_torch_trainer_trains_and_tests(ray_session, tiny_cfg, tiny_data, tmp_path):
-    cfg = _cfg(tiny_cfg, tmp_path, epochs=2, patience=5, batch_size=512, lr=3e-3)
-    res = fit(cfg, str(tiny_data), "dcnv2", {"embed_dim": 8, "hidden": [32]}, name="smoke",
-              extra={"new_user_max_clicks": 2, "cold_item_max_clicks": 5})
+    cfg = _cfg(tiny_cfg, tmp_path, epochs=2, patience=5, batch_size=512, lr=3e-3, new_user_max_clicks=2,
+               cold_item_max_clicks=5)
+    res = fit(cfg, str(tiny_data), "dcnv2", {"embed_dim": 8, "hidden": [32]}, name="smoke")
     assert res.error is None
     m = res.metrics
     assert m["epoch"] == 1 and m["test_auc"] > 0.6 and m["val_auc"] > 0.6
     assert {"test_gauc", "test_logloss", "test_auc_new_users", "test_auc_cold_items"} <= set(m)
     assert res.checkpoint is not None
+
+
+@pytest.mark.parametrize("model", ["karma", "adaf2m2:two_tower"])
+def test_retrieval_models_train_on_ray_train(ray_session, tiny_cfg, tiny_data, tmp_path, model):
+    """The same loop for retrieval: the model's own loss, full-catalogue HR@K each epoch,
+    early stopping on it, the best weights tested."""
+    cfg = _cfg(tiny_cfg, tmp_path, epochs=2, patience=5, batch_size=256, lr=3e-3, seq_len=20)
+    res = fit(cfg, str(tiny_data), model, None, name=f"smoke-{model.replace(':', '-')}", tiny=True)
+    assert res.error is None
+    m = res.metrics
+    assert m["epoch"] == 1 and m["train_loss"] > 0
+    assert {"val_hr_50", "test_hr_50", "test_ndcg_50", "test_js_50", "best_val_hr_50"} <= set(m)
+    assert 0.0 <= m["test_hr_50"] <= 1.0 and m["best_val_hr_50"] >= m["val_hr_50"] - 1e-9
+    if model == "adaf2m2:two_tower":
+        assert "train_feature_mask" in m  # the AdaF2M2 towers' aux term was trained
 
 
 def test_resume_after_a_worker_failure(ray_session, tiny_cfg, tiny_data, tmp_path):
