@@ -1,0 +1,350 @@
+"""Fidelity report: do the papers' claims hold on this data?
+
+  python -m benchmarks.fidelity --data data/processed/small --data data/processed/movielens --seeds 3
+
+Every claim of DESIGN.md's model sections, tested the same way: same rows, same budget
+(epochs, batch, learning rate, embedding size, history length) for every model, several
+seeds, mean ± std. Per dataset:
+
+- Ranking: two honest floors on the same past-only features (no-training click-rate
+  heuristic; logistic regression and gradient-boosted trees), the baselines (mean-pool,
+  DIN on the short and the long sequence, DCNv2, SIM hard search), CDNet and its ablations
+  (full sequence, w/o core behaviors, w/o distribution), DLF and its ablations (w/o gate,
+  w/o RLI, w/o NAF), AdaF2M2 on DCNv2 and DLF with AUC per user/item state group, LREA at
+  several λ with its train/serve gap, and DCNv2 with KARMA's similarity as one more input.
+- Retrieval: a popularity list, the two-tower (plain and with AdaF2M2 towers), KARMA
+  action-only (λ_dec = 0) and KARMA (λ_dec > 0): full-catalogue HR/NDCG/JS@K, overall and
+  for cold-start targets (IDs never seen in training).
+- Claims: each as a paired difference over seeds; "holds" when the mean difference is
+  positive and at least two standard errors, "not significant" when positive but smaller,
+  "does not hold" otherwise.
+
+Plain PyTorch on CPU (the same step and metrics as the Ray Train loop); one process per
+dataset can run side by side. Prints markdown and writes JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from models import build_model
+from models.karma import KARMA, KARMAConfig
+from models.lrea import serving_gap
+from training.batches import RankingBatcher, RetrievalBatcher
+from training.fit import fit_early_stopping
+from training.floors import evaluate_floors
+from training.retrieval import Catalogue, evaluate_retrieval, retrieval_metrics
+from training.step import predict_ranking, ranking_metrics
+
+STATE = ("user_clicks_before", "item_clicks_before")
+
+
+@dataclass
+class Budget:
+    train_rows: int = 60_000
+    eval_rows: int = 30_000
+    retrieval_train_rows: int = 30_000
+    retrieval_eval_rows: int = 4_000
+    epochs: int = 2
+    batch_size: int = 1024
+    lr: float = 2e-3
+    embed_dim: int = 16
+    seq_len: int = 100
+    karma_len: int = 20
+    k: int = 50
+    thresholds: dict[str, int] = field(default_factory=lambda: {"new_user_max_clicks": 2, "cold_item_max_clicks": 2})
+
+
+# (row label, model name, params); D and the budget are the same for all
+RANKING: list[tuple[str, str, dict[str, Any]]] = [
+    ("mean_pool", "mean_pool", {}),
+    ("din (short seq)", "din", {"sequence": "short"}),
+    ("din (long seq)", "din", {"sequence": "long"}),
+    ("dcnv2", "dcnv2", {}),
+    ("sim_hard", "sim_hard", {}),
+    ("cdnet", "cdnet", {}),
+    ("cdnet: full sequence", "cdnet", {"full_sequence": True}),
+    ("cdnet: w/o core", "cdnet", {"use_core": False}),
+    ("cdnet: w/o distribution", "cdnet", {"use_distribution": False}),
+    ("dlf", "dlf", {}),
+    ("dlf: w/o gate", "dlf", {"use_gate": False}),
+    ("dlf: w/o RLI", "dlf", {"use_rli": False}),
+    ("dlf: w/o NAF", "dlf", {"use_naf": False}),
+    ("adaf2m2:dcnv2", "adaf2m2:dcnv2", {}),
+    ("adaf2m2:dlf", "adaf2m2:dlf", {}),
+    ("lrea λ=0", "lrea", {"lam": 0.0}),
+    ("lrea λ=0.03", "lrea", {"lam": 0.03}),
+    ("lrea λ=0.3", "lrea", {"lam": 0.3}),
+    ("lrea λ=1", "lrea", {"lam": 1.0}),
+]
+KARMA_SIM_ROW = "dcnv2 + karma_sim"
+RETRIEVAL = ["popularity", "two_tower", "adaf2m2:two_tower", "karma action-only (λ_dec=0)", "karma (λ_dec=0.5)"]
+
+# (claim, better row, worse row, metric)
+CLAIMS: list[tuple[str, str, str, str]] = [
+    ("CDNet > mean-pool", "cdnet", "mean_pool", "auc"),
+    ("CDNet > DIN (short)", "cdnet", "din (short seq)", "auc"),
+    ("CDNet ≥ its full-sequence variant", "cdnet", "cdnet: full sequence", "auc"),
+    ("CDNet core behaviors help", "cdnet", "cdnet: w/o core", "auc"),
+    ("CDNet distribution token helps", "cdnet", "cdnet: w/o distribution", "auc"),
+    ("DLF > DCNv2", "dlf", "dcnv2", "auc"),
+    ("DLF gate helps", "dlf", "dlf: w/o gate", "auc"),
+    ("DLF RLI helps", "dlf", "dlf: w/o RLI", "auc"),
+    ("DLF NAF helps", "dlf", "dlf: w/o NAF", "auc"),
+    ("AdaF2M2 lifts DCNv2", "adaf2m2:dcnv2", "dcnv2", "auc"),
+    ("AdaF2M2 lifts DCNv2 for new users", "adaf2m2:dcnv2", "dcnv2", "auc_new_users"),
+    ("AdaF2M2 lifts DCNv2 for cold items", "adaf2m2:dcnv2", "dcnv2", "auc_cold_items"),
+    ("AdaF2M2 lifts DLF", "adaf2m2:dlf", "dlf", "auc"),
+    ("AdaF2M2 lifts DLF for new users", "adaf2m2:dlf", "dlf", "auc_new_users"),
+    ("AdaF2M2 lifts DLF for cold items", "adaf2m2:dlf", "dlf", "auc_cold_items"),
+    ("AdaF2M2 lifts the two-tower (HR@K)", "adaf2m2:two_tower", "two_tower", "hr"),
+    ("LREA ≥ DIN over the long sequence", "lrea λ=0.3", "din (long seq)", "auc"),
+    ("LREA > DIN on the short sequence", "lrea λ=0.3", "din (short seq)", "auc"),
+    ("LREA > SIM hard search", "lrea λ=0.3", "sim_hard", "auc"),
+    ("KARMA decodability lifts HR@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "hr"),
+    ("KARMA decodability lifts cold-start HR@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "hr_cold"),
+    ("KARMA decodability keeps JS@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "js"),
+    ("KARMA similarity lifts ranking AUC", KARMA_SIM_ROW, "dcnv2", "auc"),
+    ("best paper model > best floor", "_best_model", "_best_floor", "auc"),
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {c: df[c].to_numpy() for c in df.columns}
+
+
+def _split(root: Path, folder: str, split: str, n: int, seed: int) -> pd.DataFrame:
+    df = pd.read_parquet(root / folder / f"split={split}")
+    return df.sample(n=min(n, len(df)), random_state=seed).reset_index(drop=True) if n else df
+
+
+def _batches(batcher, df: pd.DataFrame, bs: int, desc: str) -> list[dict[str, torch.Tensor]]:
+    rows = _rows(df)
+    steps = range(0, len(df), bs)
+    return [batcher({k: v[i:i + bs] for k, v in rows.items()}) for i in tqdm(steps, desc=desc, leave=False,
+                                                                                disable=not sys.stderr.isatty())]
+
+
+def _shuffled(batches: list, seed: int):
+    order = np.random.default_rng(seed).permutation(len(batches))
+    return lambda: (batches[i] for i in order)
+
+
+# --------------------------------------------------------------------------- fits
+
+
+def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, seed: int) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(seed)
+    model = build_model(name, spec, params or None)
+    opt = torch.optim.Adam(model.parameters(), lr=b.lr)
+    evaluate = lambda split: ranking_metrics(predict_ranking(model, data[split], keep=STATE), **b.thresholds)  # noqa: E731
+    t0 = time.perf_counter()
+    fit_early_stopping(model, _shuffled(data["train"], seed), lambda: evaluate("val"), "auc", opt, epochs=b.epochs,
+                       patience=b.epochs)
+    out = evaluate("test") | {"seconds": time.perf_counter() - t0}
+    return model, out
+
+
+def fit_retr(model: torch.nn.Module, data: dict[str, list], cat: Catalogue, b: Budget, seed: int) -> dict:
+    opt = torch.optim.Adam(model.parameters(), lr=b.lr)
+    t0 = time.perf_counter()
+    fit_early_stopping(model, _shuffled(data["train"], seed), lambda: evaluate_retrieval(model, data["val"], cat, b.k),
+                       f"hr_{b.k}", opt, epochs=b.epochs, patience=b.epochs)
+    out = evaluate_retrieval(model, data["test"], cat, b.k)
+    return _retr_keys(out, b.k) | {"seconds": time.perf_counter() - t0}
+
+
+def _retr_keys(m: dict[str, float], k: int) -> dict[str, float]:
+    """hr_50 → hr etc., so claims and tables do not depend on K."""
+    return {key.replace(f"_{k}", ""): v for key, v in m.items()}
+
+
+def popularity(train: pd.DataFrame, test: pd.DataFrame, cat: Catalogue, k: int) -> dict[str, float]:
+    counts = np.bincount(train["item_key"].to_numpy(), minlength=len(cat.titles))
+    counts[0] = -1
+    top = np.argsort(-counts, kind="stable")[:k]
+    return _retr_keys(retrieval_metrics(np.tile(top, (len(test), 1)), test["item_key"].to_numpy(), cat, k), k)
+
+
+# --------------------------------------------------------------------------- one dataset
+
+
+def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None = None) -> dict[str, Any]:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results: dict[str, list[dict]] = {}
+    add = lambda row, m: results.setdefault(row, []).append(m)  # noqa: E731
+    want = lambda row: only is None or row in only  # noqa: E731
+    cat = Catalogue.from_dir(root)
+    rank_b = RankingBatcher.from_dir(root, seq_len=b.seq_len)
+    retr_b = RetrievalBatcher.from_dir(root, seq_len=b.karma_len, logq=cat.logq)
+    for seed in seeds:
+        print(f"[fidelity] {root.name} seed {seed}", flush=True)
+        # ---- retrieval
+        rdf = {s: _split(root, "retrieval", s, b.retrieval_train_rows if s == "train" else b.retrieval_eval_rows, seed)
+               for s in ("train", "val", "test")}
+        rdata = {s: _batches(retr_b, d, b.batch_size, f"retrieval {s}") for s, d in rdf.items()}
+        add("popularity", popularity(rdf["train"], rdf["test"], cat, b.k))
+        for name in ("two_tower", "adaf2m2:two_tower"):
+            if want(name):
+                torch.manual_seed(seed)
+                add(name, fit_retr(build_model(name, retr_b.spec, None, tiny=True), rdata, cat, b, seed))
+        karma = None
+        for row, lam in (("karma action-only (λ_dec=0)", 0.0), ("karma (λ_dec=0.5)", 0.5)):
+            if want(row) or (lam > 0 and want(KARMA_SIM_ROW)):
+                torch.manual_seed(seed)
+                m = KARMA(KARMAConfig(dim=32, text_dim=32, decoder_hidden=64, decoder_layers=2, decoder_heads=4,
+                                      decoder_kv_heads=2, decoder_intermediate=128, lam_dec=lam), cat.titles,
+                          max_history=b.karma_len)
+                add(row, fit_retr(m, rdata, cat, b, seed))
+                karma = m if lam > 0 else karma
+        # ---- ranking
+        df = {s: _split(root, "ranking", s, b.train_rows if s == "train" else b.eval_rows, seed)
+              for s in ("train", "val", "test")}
+        for k, v in evaluate_floors(df["train"], df["test"], rank_b.spec, seed=seed).items():
+            add(f"floor: {k}", v)
+        data = {s: _batches(rank_b, d, b.batch_size, f"ranking {s}") for s, d in df.items()}
+        for row, name, params in RANKING:
+            if not want(row):
+                continue
+            model, m = fit_rank(name, params, rank_b.spec, data, b, seed)
+            if name == "lrea":
+                with torch.no_grad():
+                    m |= serving_gap(model, data["test"][0])
+            add(row, m)
+            print(f"  {row:<28} auc {m['auc']:.4f}  ({m['seconds']:.0f}s)", flush=True)
+        if karma is not None and want(KARMA_SIM_ROW):
+            kb = RankingBatcher(rank_b.spec, rank_b.history, b.seq_len, karma=karma, karma_len=b.karma_len)
+            kdata = {s: _batches(kb, d, b.batch_size, f"karma_sim {s}") for s, d in df.items()}
+            add(KARMA_SIM_ROW, fit_rank("dcnv2", {}, rank_b.spec.with_numeric("karma_sim"), kdata, b, seed)[1])
+    return {"dataset": root.name, "seeds": seeds, "budget": vars(b), "results": results,
+            "rows": {s: len(pd.read_parquet(root / "ranking" / f"split={s}")) for s in ("train", "val", "test")}}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def mean_std(vals: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in vals if x is not None and x == x], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _fmt(vals: list[float]) -> str:
+    m, s = mean_std(vals)
+    return "–" if m != m else f"{m:.4f} ± {s:.4f}"
+
+
+def ranking_table(res: dict[str, list[dict]]) -> str:
+    cols = ["auc", "gauc", "logloss", "auc_new_users", "auc_cold_items"]
+    lines = ["| model | " + " | ".join(cols) + " | s/fit |", "|---|" + "---:|" * (len(cols) + 1)]
+    for row, ms in res.items():
+        if "hr" in ms[0]:
+            continue
+        cells = [_fmt([m.get(c) for m in ms]) for c in cols]
+        sec = mean_std([m.get("seconds") for m in ms])[0]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {'–' if sec != sec else f'{sec:.0f}'} |")
+    return "\n".join(lines)
+
+
+def lrea_table(res: dict[str, list[dict]]) -> str:
+    lines = ["| λ | test AUC | interest rel. gap (train vs absorbed) | mean abs logit gap |", "|---|---:|---:|---:|"]
+    for row, ms in res.items():
+        if row.startswith("lrea"):
+            lines.append(f"| {row.split('=')[1]} | {_fmt([m['auc'] for m in ms])} | "
+                         f"{_fmt([m['interest_rel_gap'] for m in ms])} | {_fmt([m['logit_abs_gap'] for m in ms])} |")
+    return "\n".join(lines)
+
+
+def retrieval_table(res: dict[str, list[dict]], k: int) -> str:
+    cols = ["hr", "ndcg", "js", "hr_cold"]
+    lines = ["| model | " + " | ".join(f"{c.replace('_cold', '')}@{k}{' cold' if 'cold' in c else ''}" for c in cols)
+             + " |", "|---|" + "---:|" * len(cols)]
+    for row in RETRIEVAL:
+        if row in res:
+            lines.append(f"| {row} | " + " | ".join(_fmt([m.get(c) for m in res[row]]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def claims_table(res: dict[str, list[dict]]) -> str:
+    res = dict(res)
+    paper = [r for r, *_ in RANKING if not any(x in r for x in (":", "w/o", "full"))
+             and r.split()[0] in ("cdnet", "dlf", "lrea")] + ["adaf2m2:dcnv2", "adaf2m2:dlf"]
+    floors = [r for r in res if r.startswith("floor:")]
+    best = lambda rows: max((r for r in rows if r in res), key=lambda r: mean_std([m["auc"] for m in res[r]])[0])  # noqa: E731
+    if floors and any(r in res for r in paper):
+        res["_best_model"], res["_best_floor"] = res[best(paper)], res[best(floors)]
+    lines = ["| claim | Δ (mean ± std over seeds) | verdict |", "|---|---:|---|"]
+    for text, a, bb, metric in CLAIMS:
+        if a not in res or bb not in res:
+            continue
+        d = np.array([x.get(metric, np.nan) - y.get(metric, np.nan) for x, y in zip(res[a], res[bb], strict=False)])
+        d = d[~np.isnan(d)]
+        if not len(d):
+            continue
+        m, s = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        se = s / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+        verdict = "holds" if m > 0 and m >= 2 * se else ("not significant" if m > 0 else "does not hold")
+        if text.startswith("best paper"):
+            text += f" ({best(paper)} vs {best(floors)})"
+        lines.append(f"| {text} | {m:+.4f} ± {s:.4f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def report(out: dict[str, Any]) -> str:
+    b = out["budget"]
+    head = (f"### {out['dataset']} — seeds {out['seeds']}\n\nBudget per model: {b['train_rows']:,} train rows "
+            f"(of {out['rows']['train']:,}), {b['eval_rows']:,} val / test rows, {b['epochs']} epochs (best by val), "
+            f"batch {b['batch_size']}, Adam {b['lr']}, D = {b['embed_dim']}, history {b['seq_len']} "
+            f"(short 20), retrieval: {b['retrieval_train_rows']:,} train clicks, "
+            f"{b['retrieval_eval_rows']:,} val / test, K = {b['k']}, KARMA history {b['karma_len']}.\n")
+    return "\n\n".join([head, "Ranking (test split):", ranking_table(out["results"]),
+                        "LREA: train/serve gap against λ (test rows):", lrea_table(out["results"]),
+                        "Retrieval (test split, full catalogue):", retrieval_table(out["results"], b["k"]),
+                        "Claims:", claims_table(out["results"])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", action="append", required=True, help="a processed data folder (repeatable)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train-rows", type=int, default=Budget.train_rows)
+    p.add_argument("--eval-rows", type=int, default=Budget.eval_rows)
+    p.add_argument("--epochs", type=int, default=Budget.epochs)
+    p.add_argument("--only", help="comma-separated row labels (debugging)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one per process side by side)")
+    p.add_argument("--out", default="benchmarks/out/fidelity.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    b = Budget(train_rows=a.train_rows, eval_rows=a.eval_rows, epochs=a.epochs)
+    only = set(a.only.split(",")) if a.only else None
+    outs = []
+    for d in a.data:
+        root = Path(d)
+        if not (root / "feature_spec.json").exists():
+            p.error(f"{root}: no processed data (run `python -m jobs.ingest` first)")
+        out = run_dataset(root, list(range(a.seeds)), b, only)
+        outs.append(out)
+        print(report(out), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(outs, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
