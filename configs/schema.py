@@ -97,6 +97,7 @@ class ModelConfig:
 
     name: str = "cdnet"
     embed_dim: int = 16
+    preset: Literal["default", "tiny"] = "default"  # tiny: each model's smallest config (tests, the tiny world)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class TrainConfig:
     patience: int = 2
     storage_path: str = "runs/ray"
     seq_len: int = 0  # behaviors fed to the models; 0 = data.long_len
+    max_train_rows: int = 0  # a random sample of the train split per epoch budget; 0 = all rows
     retrieval_k: int = 50  # HR/NDCG/JS@K of retrieval models; early stopping on val HR@K
     new_user_max_clicks: int = 2  # AUC per state group: users with at most this many past clicks are "new"
     cold_item_max_clicks: int = 2  # items with at most this many past clicks are "cold"
@@ -133,6 +135,14 @@ class ServeConfig:
     prerank_top_m: int = 100
     rank_top_k: int = 10
     replica_cpus: float = 0.25
+    retriever: str = "karma"  # registered models of the funnel's stages (funnel-<name>)
+    preranker: str = "lrea"
+    ranker: str = "cdnet"
+    index_factory: str = "Flat"  # FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, ...
+    popular_n: int = 100  # the popularity recall channel beside FAISS
+    retrieval_weight: float = 0.0  # pre-ranking score = LREA logit + this * retrieval score
+    reload_s: float = 30.0  # how often a stage checks whether its registry alias moved
+    event_log: str = "runs/served_events"
 
 
 @dataclass
@@ -141,7 +151,13 @@ class ABTestConfig:
     requests_per_user: int = 4
     salt: str = "funnel-ab"
     arms: dict[str, int] = field(default_factory=lambda: {"control": 50, "treatment": 50})
+    # what each arm serves: "popularity" or "funnel@<registry alias>"
+    variants: dict[str, str] = field(default_factory=lambda: {"control": "popularity",
+                                                              "treatment": "funnel@challenger"})
     alpha: float = 0.05
+    slate_size: int = 10
+    concurrency: int = 8  # simulated users in flight
+    seed: int = 0
 
 
 @dataclass

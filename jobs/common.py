@@ -26,6 +26,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
 
     if ray.is_initialized():
         return
+    serve_startup_env()
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         if num_cpus:
@@ -33,3 +34,11 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         if object_store_memory:
             kwargs["object_store_memory"] = object_store_memory
     ray.init(**kwargs)
+
+
+def serve_startup_env() -> None:
+    """Serve's HTTP proxy must report ready within 5 s by default; on a busy 2-core machine
+    importing it takes longer and Serve kills and restarts it forever. Give it a minute
+    (set before Ray starts: workers inherit the environment)."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")

@@ -21,6 +21,30 @@ import torch
 from jobs.common import config_parser, init_ray, load
 
 
+def train_and_register(cfg, data: Path, model_name: str, params: dict | None, tiny: bool = False) -> dict:
+    """Ray Train fit → MLflow run → registry gate; returns the summary the CLI prints."""
+    from training.loop import CKPT, fit
+    from training.registry import log_run, register_with_gate
+    from training.tasks import task_from_config
+
+    task = task_from_config(model_name, data, cfg.train)
+    run_name = f"{model_name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = fit(cfg, str(data), model_name, params, name=run_name, tiny=tiny)
+    if result.error is not None:
+        raise RuntimeError(f"training {model_name} failed: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
+    model = task.build(model_name, params, tiny=tiny)
+    model.load_state_dict(state["best_model"])
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    history = [{k: v for k, v in row.items() if not k.startswith("test_")} for row in history]
+    final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "best_val_"))}
+    run_id = log_run(cfg, model_name, params, history, final, data, model, task.spec, tiny=tiny)
+    decision = register_with_gate(model_name, run_id, metric=f"test_{task.metric}")
+    return {"model": model_name, "run_id": run_id, "registered": decision["model"], "version": decision["version"],
+            "challenger": decision["challenger"], "gate": decision["reason"], **final}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = config_parser(__doc__)
     p.add_argument("--model", required=True, help="model name (see above)")
@@ -46,27 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"[train] no processed data in {data}: running the ingest first", flush=True)
         run_ingest(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(data))))
-
-    from training.loop import CKPT, fit
-    from training.registry import log_run, register_with_gate
-
-    task = task_from_config(args.model, data, cfg.train)
-    run_name = f"{args.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = fit(cfg, str(data), args.model, params, name=run_name, tiny=args.tiny)
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
-    model = task.build(args.model, params, tiny=args.tiny)
-    model.load_state_dict(state["best_model"])
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    history = [{k: v for k, v in row.items() if not k.startswith("test_")} for row in history]
-    final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "best_val_"))}
-    run_id = log_run(cfg, args.model, params, history, final, data, model, task.spec, tiny=args.tiny)
-    decision = register_with_gate(args.model, run_id, metric=f"test_{task.metric}")
-    print(json.dumps({"model": args.model, "run_id": run_id, "registered": decision["model"],
-                      "version": decision["version"], "challenger": decision["challenger"],
-                      "gate": decision["reason"], **final}))
+    print(json.dumps(train_and_register(cfg, data, args.model, params, tiny=args.tiny)))
     return 0
 
 

@@ -149,6 +149,13 @@ class KARMA(nn.Module):
         x = self.text(self.titles[uniq]) if self.text is not None else self.features[uniq]
         return self.item_proj(x)[inv].reshape(*keys.shape, -1)
 
+    def encode_titles(self, tokens: Tensor) -> Tensor:
+        """(N, T) title token ids of items the model has never seen → (N, d): cold-start items
+        enter the index from their text alone (small text encoder only)."""
+        if self.text is None:
+            raise ValueError("text_encoder='features' embeds precomputed vectors; encode new items with models/text.py")
+        return self.item_proj(self.text(tokens.long()))
+
     def _history_inputs(self, hist_keys: Tensor, hist_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """inputs_embeds (B, L+1, h) = [pad…, start, e_1…e_n], attention mask, position ids."""
         B, L = hist_keys.shape

@@ -42,6 +42,9 @@ def ray_session(tmp_path_factory):
     import ray
     from ray.data import DataContext
 
+    from jobs.common import serve_startup_env
+
+    serve_startup_env()
     ray.init(
         num_cpus=2,
         object_store_memory=300_000_000,

@@ -127,6 +127,10 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     root = Path(data_dir)
     folder = "retrieval" if is_retrieval(model) else "ranking"
     datasets = {s: ray.data.read_parquet(str(root / folder / f"split={s}")) for s in ("train", "val", "test")}
+    if cfg.train.max_train_rows:  # a fixed random sample (same seed, same rows), for budgets like the demo's
+        n = datasets["train"].count()
+        if n > cfg.train.max_train_rows:
+            datasets["train"] = datasets["train"].random_sample(cfg.train.max_train_rows / n, seed=cfg.train.seed)
     storage = Path(storage_path or cfg.train.storage_path).resolve()
     marker_dir = storage / name
     marker_dir.mkdir(parents=True, exist_ok=True)

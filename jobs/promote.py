@@ -1,0 +1,71 @@
+"""Promotion by registry aliases: `challenger` becomes `champion` only on a significant positive A/B lift.
+
+  python -m jobs.promote --config configs/small.yaml [--abtest runs/abtest/last.json]
+
+Policy (DESIGN.md): a trained model became `challenger` through the offline gate; it
+moves to `champion` only when the simulated A/B's lift is positive with its 95% CI above
+zero and no sample-ratio mismatch. Every model of the treatment funnel (retriever,
+pre-ranker, ranker) moves together; each version records the evidence (A/B run, lift, CI,
+previous champion) as tags, promoted or not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from configs import FunnelConfig
+from jobs.common import config_parser, load
+
+
+def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from training.registry import registered_name, setup_tracking
+
+    setup_tracking(cfg.tracking)
+    client = mlflow.MlflowClient()
+    ok = bool(ab.get("significant_positive"))
+    lift = ab.get("lift") or {}
+    evidence = {"abtest_run_id": ab.get("run_id", ""), "lift": f"{lift.get('relative', float('nan')):+.4f}",
+                "ci": f"[{lift.get('ci_low', float('nan')):+.4f}, {lift.get('ci_high', float('nan')):+.4f}]",
+                "srm_mismatch": str(ab.get("srm", {}).get("mismatch"))}
+    moves = {}
+    for model in (cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker):
+        name = registered_name(model)
+        try:
+            ch = client.get_model_version_by_alias(name, "challenger")
+        except MlflowException:
+            moves[name] = {"promoted": False, "reason": "no challenger"}
+            continue
+        try:
+            prev = client.get_model_version_by_alias(name, "champion").version
+        except MlflowException:
+            prev = ""
+        decision = {"promoted": ok, "version": ch.version, "previous_champion": prev,
+                    "reason": "significant positive lift" if ok else "lift not significantly positive (or SRM)"}
+        if ok:
+            client.set_registered_model_alias(name, "champion", ch.version)
+        for k, v in (evidence | decision).items():
+            client.set_model_version_tag(name, ch.version, f"promotion.{k}", str(v))
+        moves[name] = decision
+    return {"promoted": ok, **evidence, "models": moves}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = config_parser(__doc__)
+    p.add_argument("--abtest", default="runs/abtest/last.json", help="the A/B result (jobs.abtest writes it)")
+    args = p.parse_args(argv)
+    cfg = load(args)
+    path = Path(args.abtest)
+    if not path.exists():
+        p.error(f"{path}: no A/B result; run `python -m jobs.abtest` first")
+    print(json.dumps(promote(cfg, json.loads(path.read_text()))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

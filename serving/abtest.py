@@ -1,0 +1,137 @@
+"""The simulated A/B: simulated users request /recommend, the world's click model answers.
+
+The same ground-truth world that generated the training logs (pipeline/world.py) decides
+each click: P(click | user state at ts, item, position). Requests fall inside the A/B
+horizon after the log (`world.ab_days`), so the users' interests have moved on since
+training, as in production.
+
+Analysis (vectorised over users, the randomisation unit — buckets are per user):
+- per arm: users, requests, impressions, clicks, CTR = Σclicks / Σimpressions, clicks per request;
+- relative lift of CTR (treatment vs control) with a 95% CI by the delta method for ratio
+  metrics over user-level sums (Deng, Knoblich & Lu 2018), computed on the log scale;
+- sample-ratio mismatch: a χ² test of users per arm against the configured shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+@dataclass
+class ArmStats:
+    arm: str
+    users: int
+    requests: int
+    impressions: int
+    clicks: int
+    ctr: float
+    ctr_se: float
+    clicks_per_request: float
+
+
+def _ratio_se(num: np.ndarray, den: np.ndarray) -> float:
+    """SE of Σnum/Σden over i.i.d. units (delta method)."""
+    n = len(num)
+    if n < 2 or den.sum() == 0:
+        return float("nan")
+    mx, my = num.mean(), den.mean()
+    vx, vy = num.var(ddof=1), den.var(ddof=1)
+    cxy = np.cov(num, den, ddof=1)[0, 1]
+    var = (vx / my**2 - 2 * mx * cxy / my**3 + mx**2 * vy / my**4) / n
+    return float(math.sqrt(max(var, 0.0)))
+
+
+def analyse(events: pd.DataFrame, shares: dict[str, int], control: str, treatment: str,
+            alpha: float = 0.05) -> dict[str, Any]:
+    """events: the served event log (impressions and clicks with arm and request_id)."""
+    ev = events.copy()
+    ev["click"] = (ev["event"] == "click").astype(np.int64)
+    ev["imp"] = (ev["event"] == "impression").astype(np.int64)
+    per_user = ev.groupby(["arm", "user_id"]).agg(clicks=("click", "sum"), imps=("imp", "sum"),
+                                                  requests=("request_id", "nunique")).reset_index()
+    arms: dict[str, ArmStats] = {}
+    for arm, g in per_user.groupby("arm"):
+        c, n = g["clicks"].to_numpy(float), g["imps"].to_numpy(float)
+        req = int(ev.loc[(ev["arm"] == arm) & (ev["event"] == "impression"), "request_id"].nunique())
+        arms[arm] = ArmStats(arm, len(g), req, int(n.sum()), int(c.sum()), float(c.sum() / max(n.sum(), 1)),
+                             _ratio_se(c, n), float(c.sum() / max(req, 1)))
+    out: dict[str, Any] = {"arms": {a: asdict(s) for a, s in arms.items()}, "control": control,
+                           "treatment": treatment, "alpha": alpha}
+    # sample-ratio mismatch over users
+    names = [a for a in shares if shares[a] > 0]
+    observed = np.array([arms[a].users if a in arms else 0 for a in names], dtype=float)
+    expected = observed.sum() * np.array([shares[a] for a in names], dtype=float) / sum(shares[a] for a in names)
+    chi2, p_srm = stats.chisquare(observed, expected) if observed.sum() else (float("nan"), float("nan"))
+    out["srm"] = {"chi2": float(chi2), "p_value": float(p_srm), "mismatch": bool(p_srm < 0.001),
+                  "observed": dict(zip(names, observed.tolist(), strict=True)),
+                  "expected": dict(zip(names, expected.tolist(), strict=True))}
+    if control in arms and treatment in arms and arms[control].ctr > 0 and arms[treatment].ctr > 0:
+        t, c = arms[treatment], arms[control]
+        log_ratio = math.log(t.ctr / c.ctr)
+        se = math.sqrt((t.ctr_se / t.ctr) ** 2 + (c.ctr_se / c.ctr) ** 2)
+        z = stats.norm.ppf(1 - alpha / 2)
+        out["lift"] = {"relative": math.exp(log_ratio) - 1, "ci_low": math.exp(log_ratio - z * se) - 1,
+                       "ci_high": math.exp(log_ratio + z * se) - 1, "p_value": float(2 * stats.norm.sf(abs(log_ratio / se)))
+                       if se > 0 else float("nan")}
+        lift = out["lift"]
+        out["significant_positive"] = bool(lift["ci_low"] > 0 and not out["srm"]["mismatch"])
+    else:
+        out["lift"] = None
+        out["significant_positive"] = False
+    return out
+
+
+def report_markdown(res: dict[str, Any]) -> str:
+    lines = ["# Simulated A/B", "", "| arm | users | requests | impressions | clicks | CTR (± 95% CI) | clicks/request |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for a, s in res["arms"].items():
+        lines.append(f"| {a} | {s['users']:,} | {s['requests']:,} | {s['impressions']:,} | {s['clicks']:,} | "
+                     f"{s['ctr']:.4f} ± {1.96 * s['ctr_se']:.4f} | {s['clicks_per_request']:.3f} |")
+    lift = res.get("lift")
+    lines.append("")
+    if lift:
+        lines.append(f"Lift of CTR, {res['treatment']} vs {res['control']}: **{lift['relative']:+.2%}** "
+                     f"(95% CI {lift['ci_low']:+.2%} … {lift['ci_high']:+.2%}, p = {lift['p_value']:.2g}).")
+    srm = res["srm"]
+    lines.append(f"Sample-ratio check: χ² = {srm['chi2']:.2f}, p = {srm['p_value']:.3g} → "
+                 f"{'MISMATCH: do not trust this test' if srm['mismatch'] else 'no mismatch'}.")
+    lines.append(f"Decision input: significant positive lift = **{res['significant_positive']}**.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], events: pd.DataFrame, path: str | Path) -> Path:
+    """Left: CTR per arm with 95% CIs. Right: cumulative CTR per arm over the test's requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = list(res["arms"])
+    ctr = [res["arms"][a]["ctr"] for a in names]
+    err = [1.96 * res["arms"][a]["ctr_se"] for a in names]
+    a1.bar(names, ctr, yerr=err, capsize=6, color=["#999999", "#2a7ab9", "#d98b2b"][: len(names)])
+    a1.set_ylabel("CTR")
+    lift = res.get("lift")
+    a1.set_title(f"lift {lift['relative']:+.1%} [{lift['ci_low']:+.1%}, {lift['ci_high']:+.1%}]" if lift else "CTR")
+    ev = events.sort_values("ts", kind="stable")
+    for a in names:
+        g = ev[ev["arm"] == a]
+        clicks = (g["event"] == "click").cumsum().to_numpy()
+        imps = (g["event"] == "impression").cumsum().to_numpy()
+        keep = imps > 0
+        a2.plot(np.arange(len(g))[keep], clicks[keep] / imps[keep], label=a)
+    a2.set_xlabel("logged events (time order)")
+    a2.set_ylabel("cumulative CTR")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,387 @@
+"""Ray Serve: /retrieve, /prerank, /rank, /recommend (+ /feedback, /healthz), an A/B router.
+
+Deployments: one per stage (`RetrieverStage`, `PrerankerStage`, `RankerStage`) per registry
+alias an arm uses, and the FastAPI ingress `Funnel` that validates requests (pydantic; a
+bad request is a 4xx with the reason, never a 5xx), routes each user to an arm by a sticky
+hash bucket, composes the stages through deployment handles, and logs every exposure and
+click in the canonical events format (serving/router.py).
+
+Models load from the MLflow registry by alias (`models:/funnel-<model>@<alias>`); each
+stage checks the alias every `reload_s` seconds and, when it moved, loads the new version
+beside the old one and swaps — requests in flight finish on the old model, none is dropped.
+
+    serve run serving/config.yaml          # or: python -m jobs.e2e (deploy stage)
+"""
+
+
+import asyncio
+import time
+import uuid
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+MAX_HISTORY = 1000
+MAX_CANDIDATES = 2000
+MAX_BODY_BYTES = 256 * 1024
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+# --------------------------------------------------------------------------- request / response models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RetrieveRequest(_Strict):
+    user_id: Id
+    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
+    n: int = Field(500, ge=1, le=MAX_CANDIDATES)
+
+
+class PrerankRequest(_Strict):
+    user_id: Id
+    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
+    candidates: list[Id] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    m: int = Field(100, ge=1, le=MAX_CANDIDATES)
+    ts: int | None = Field(None, ge=0)
+
+
+class RankRequest(_Strict):
+    user_id: Id
+    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
+    candidates: list[Id] = Field(min_length=1, max_length=500)
+    k: int = Field(10, ge=1, le=500)
+    ts: int | None = Field(None, ge=0)
+
+
+class RecommendRequest(_Strict):
+    user_id: Id
+    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
+    k: int = Field(10, ge=1, le=100)
+    ts: int | None = Field(None, ge=0)
+
+
+class FeedbackRequest(_Strict):
+    user_id: Id
+    request_id: Id
+    item_id: Id
+    position: int = Field(ge=0, le=100)
+    arm: Id
+    ts: int | None = Field(None, ge=0)
+
+
+class Items(BaseModel):
+    items: list[str]
+    scores: list[float]
+    model_version: str = ""
+
+
+class Recommendation(Items):
+    request_id: str
+    arm: str
+    stages: dict[str, str] = {}
+
+
+class FunnelArgs(BaseModel):
+    """Typed arguments of the app builder (also the `args:` of serving/config.yaml)."""
+
+    data_dir: str
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    retriever: str = "karma"
+    preranker: str = "lrea"
+    ranker: str = "cdnet"
+    arms: dict[str, int] = {"control": 50, "treatment": 50}
+    variants: dict[str, str] = {"control": "popularity", "treatment": "funnel@challenger"}
+    salt: str = "funnel-ab"
+    index_factory: str = "Flat"
+    top_n: int = 500
+    top_m: int = 100
+    top_k: int = 10
+    popular_n: int = 100
+    retrieval_weight: float = 0.0
+    replica_cpus: float = 0.25
+    reload_s: float = 30.0
+    event_log: str = "runs/served_events"
+
+
+# --------------------------------------------------------------------------- helpers
+# (defined before the deployments: Serve ships the classes to replicas by value)
+
+
+def _ts(ts: int | None) -> int:
+    return int(ts if ts is not None else time.time())
+
+
+def _known(store, history: list[str] | None) -> np.ndarray | None:
+    """The request's history as item keys; unknown items are dropped (cold start), None = use the log's."""
+    if history is None:
+        return None
+    keys = store.item_keys(history)
+    return keys[keys > 0]
+
+
+def _positions(keys: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Indices into the request's candidates of the chosen keys, in chosen order (first match wins)."""
+    order = {}
+    for i, k in enumerate(keys.tolist()):
+        order.setdefault(k, []).append(i)
+    return np.array([order[k].pop(0) for k in chosen.tolist()], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _Registered:
+    """A model held by alias: load, and reload when the alias points elsewhere."""
+
+    def __init__(self, args: FunnelArgs, model: str, alias: str):
+        import mlflow
+
+        from training.registry import registered_name
+
+        mlflow.set_tracking_uri(args.tracking_uri)
+        self.args, self.alias = args, alias
+        self.name = registered_name(model)
+        self.version = ""
+        self._load()
+        self._task = None
+
+    def _resolve(self) -> str:
+        import mlflow
+
+        return str(mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias).version)
+
+    def _load(self) -> None:
+        import mlflow
+
+        from training.registry import load_model
+
+        version = self._resolve()
+        model = load_model(f"models:/{self.name}/{version}")
+        self.run_id = mlflow.MlflowClient().get_model_version(self.name, version).run_id
+        self.pending_version = version
+        self.build(model)  # the stage object is swapped whole: readers see old or new, never half
+        self.version = version
+
+    def build(self, model) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.args.reload_s)
+            try:
+                if self._resolve() != self.version:
+                    await asyncio.get_running_loop().run_in_executor(None, self._load)
+            except Exception as e:  # a registry hiccup must not kill serving
+                print(f"[serve] {self.name}@{self.alias}: reload check failed: {e}", flush=True)
+
+    def ensure_watch(self) -> None:
+        if self._task is None and self.args.reload_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def check_reload(self) -> bool:
+        """Reload now if the alias moved (tests; the watcher does it on a timer)."""
+        if self._resolve() != self.version:
+            self._load()
+            return True
+        return False
+
+
+def _store(args: FunnelArgs):
+    from serving.features import FeatureStore
+
+    return FeatureStore(args.data_dir)
+
+
+@serve.deployment
+class RetrieverStage(_Registered):
+    def __init__(self, args: FunnelArgs, alias: str):
+        self.store = _store(args)
+        super().__init__(args, args.retriever, alias)
+
+    def build(self, model) -> None:
+        from serving.funnel import Retriever
+        from serving.index_build import build_index, load_logged_index
+
+        index = load_logged_index(self.run_id, self.pending_version)  # the index logged with this version
+        if index is None:
+            index = build_index(model, self.args.data_dir, self.args.index_factory)
+        self.stage = Retriever(model, index, self.store, self.args.popular_n)
+
+    async def retrieve(self, user_id: str, history: list[str] | None, n: int) -> Items:
+        self.ensure_watch()
+        stage = self.stage
+        u = int(self.store.user_keys([user_id])[0])
+        hist = self.store.user_history(u, _known(self.store, history))
+        res = stage.retrieve(u, hist, n)
+        return Items(items=self.store.item_ids(res.keys), scores=res.scores.tolist(), model_version=self.version)
+
+
+@serve.deployment
+class PrerankerStage(_Registered):
+    def __init__(self, args: FunnelArgs, alias: str):
+        self.store = _store(args)
+        super().__init__(args, args.preranker, alias)
+
+    def build(self, model) -> None:
+        from serving.funnel import Preranker
+
+        self.stage = Preranker(model, self.store, self.args.retrieval_weight)
+
+    async def prerank(self, user_id: str, history: list[str] | None, candidates: list[str],
+                      scores: list[float] | None, m: int, ts: int) -> Items:
+        from serving.funnel import Scored
+
+        self.ensure_watch()
+        stage = self.stage
+        u = int(self.store.user_keys([user_id])[0])
+        hist = self.store.user_history(u, _known(self.store, history))
+        keys = self.store.item_keys(candidates)
+        s = np.asarray(scores if scores is not None else np.zeros(len(keys)), dtype=np.float32)
+        res = stage.prerank(u, hist, Scored(keys, s), m, ts)
+        return Items(items=list(np.asarray(candidates)[_positions(keys, res.keys)]), scores=res.scores.tolist(),
+                     model_version=self.version)
+
+
+@serve.deployment
+class RankerStage(_Registered):
+    def __init__(self, args: FunnelArgs, alias: str):
+        self.store = _store(args)
+        super().__init__(args, args.ranker, alias)
+
+    def build(self, model) -> None:
+        from serving.funnel import Ranker
+
+        self.stage = Ranker(model, self.store)
+
+    async def rank(self, user_id: str, history: list[str] | None, candidates: list[str], k: int, ts: int) -> Items:
+        self.ensure_watch()
+        stage = self.stage
+        u = int(self.store.user_keys([user_id])[0])
+        hist = self.store.user_history(u, _known(self.store, history))
+        keys = self.store.item_keys(candidates)
+        res = stage.rank(u, hist, keys, k, ts)
+        return Items(items=list(np.asarray(candidates)[_positions(keys, res.keys)]), scores=res.scores.tolist(),
+                     model_version=self.version)
+
+    def reload_now(self) -> str:
+        self.check_reload()
+        return self.version
+
+
+# --------------------------------------------------------------------------- ingress
+
+api = FastAPI(title="Funnel", description="retrieval → pre-ranking → ranking, with an A/B router")
+
+
+@api.middleware("http")
+async def limit_body(request: Request, call_next):
+    """Oversized payloads are refused before they are read (413)."""
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+        return JSONResponse({"detail": f"payload larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+    return await call_next(request)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Funnel:
+    def __init__(self, args: FunnelArgs, retrievers: dict[str, Any], prerankers: dict[str, Any],
+                 rankers: dict[str, Any]):
+        from serving.features import FeatureStore
+        from serving.router import ArmRouter, EventLog
+
+        self.args = args
+        self.router = ArmRouter(args.arms, args.salt)
+        self.retrievers, self.prerankers, self.rankers = retrievers, prerankers, rankers
+        self.default = next(iter(rankers))
+        self.log = EventLog(args.event_log)
+        store = FeatureStore(args.data_dir)
+        self.popular = store.item_ids(store.popular[:100])  # the popularity arm's slate
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        return {"ok": True, "arms": self.args.arms, "variants": self.args.variants}
+
+    @api.post("/retrieve")
+    async def retrieve(self, req: RetrieveRequest) -> Items:
+        return await self.retrievers[self.default].retrieve.remote(req.user_id, req.history, req.n)
+
+    @api.post("/prerank")
+    async def prerank(self, req: PrerankRequest) -> Items:
+        return await self.prerankers[self.default].prerank.remote(req.user_id, req.history, req.candidates, None,
+                                                                   req.m, _ts(req.ts))
+
+    @api.post("/rank")
+    async def rank(self, req: RankRequest) -> Items:
+        return await self.rankers[self.default].rank.remote(req.user_id, req.history, req.candidates, req.k,
+                                                             _ts(req.ts))
+
+    async def _funnel(self, alias: str, req: RecommendRequest, ts: int) -> tuple[Items, dict[str, str]]:
+        a = self.args
+        got = await self.retrievers[alias].retrieve.remote(req.user_id, req.history, a.top_n)
+        pre = await self.prerankers[alias].prerank.remote(req.user_id, req.history, got.items, got.scores,
+                                                           a.top_m, ts)
+        out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts)
+        return out, {"retriever": got.model_version, "preranker": pre.model_version, "ranker": out.model_version}
+
+    @api.post("/recommend")
+    async def recommend(self, req: RecommendRequest) -> Recommendation:
+        ts = _ts(req.ts)
+        arm = self.router.arm(req.user_id)
+        variant = self.args.variants.get(arm, "popularity")
+        rid = uuid.uuid4().hex
+        if variant == "popularity":
+            items, scores, stages = self.popular[: req.k], list(np.linspace(1, 0.5, req.k)), {}
+        else:
+            res, stages = await self._funnel(variant.split("@", 1)[1], req, ts)
+            items, scores = res.items, res.scores
+        self.log.exposures(req.user_id, items, ts, rid, arm)
+        return Recommendation(items=items, scores=scores, request_id=rid, arm=arm, stages=stages)
+
+    @api.post("/feedback")
+    def feedback(self, req: FeedbackRequest) -> dict[str, bool]:
+        self.log.click(req.user_id, req.item_id, _ts(req.ts), req.request_id, req.position, req.arm)
+        return {"ok": True}
+
+    @api.post("/flush")
+    def flush(self) -> dict[str, str]:
+        path = self.log.flush()
+        return {"written": str(path or "")}
+
+
+def build_app(args: FunnelArgs | dict) -> serve.Application:
+    """The typed app builder: one stage deployment per alias the arms use, and the ingress."""
+    args = args if isinstance(args, FunnelArgs) else FunnelArgs(**args)
+    aliases = sorted({v.split("@", 1)[1] for v in args.variants.values() if v.startswith("funnel@")}) or ["champion"]
+    bad = [v for v in args.variants.values() if v != "popularity" and not v.startswith("funnel@")]
+    if bad or set(args.variants) != set(args.arms):
+        raise ValueError(f"variants must name every arm as 'popularity' or 'funnel@<alias>': {args.variants}")
+    opts = {"ray_actor_options": {"num_cpus": args.replica_cpus}}
+    stages = {kind: {a: cls.options(name=f"{cls.name}-{a}", **opts).bind(args, a) for a in aliases}
+              for kind, cls in (("r", RetrieverStage), ("p", PrerankerStage), ("k", RankerStage))}
+    return Funnel.options(**opts).bind(args, stages["r"], stages["p"], stages["k"])
+
+
+def args_from_config(cfg, data_dir: str | None = None) -> FunnelArgs:
+    """FunnelArgs from a FunnelConfig (the jobs' one typed config)."""
+    from pathlib import Path
+
+    from training.registry import setup_tracking
+
+    setup_tracking(cfg.tracking)  # resolves a relative SQLite path the way training wrote it
+    import mlflow
+
+    s, ab = cfg.serve, cfg.abtest
+    return FunnelArgs(data_dir=str(Path(data_dir or cfg.data.output).resolve()), tracking_uri=mlflow.get_tracking_uri(),
+                      retriever=s.retriever, preranker=s.preranker, ranker=s.ranker, arms=ab.arms,
+                      variants=ab.variants, salt=ab.salt, index_factory=s.index_factory, top_n=s.retrieve_top_n,
+                      top_m=s.prerank_top_m, top_k=s.rank_top_k, popular_n=s.popular_n,
+                      retrieval_weight=s.retrieval_weight, replica_cpus=s.replica_cpus, reload_s=s.reload_s,
+                      event_log=str(Path(s.event_log).resolve()))

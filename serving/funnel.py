@@ -1,0 +1,112 @@
+"""The funnel's three stages as plain objects (no Ray): the Serve deployments wrap them,
+and tests and the A/B simulation can run them in-process.
+
+- `Retriever`: user history → the retrieval model's user vector (KARMA h_t, or the
+  two-tower's user tower) → FAISS top-N item keys; merged with a popularity channel
+  (the `popular_n` most clicked items), the usual second recall channel — a cold user
+  with no history gets popular items, not an error.
+- `Preranker`: LREA's absorbed serving path (eq. 9): one O(L) cache per user (kept in a
+  bounded LRU), then O(r·d) per candidate; optionally fused with the retrieval score,
+  `s = lrea_logit + w · retrieval_score` → top-M.
+- `Ranker`: a CTR model (CDNet, DLF, or AdaF2M2's main path) over the candidates → top-K
+  with probabilities.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serving.features import FeatureStore
+from serving.index import ItemIndex
+
+
+@dataclass
+class Scored:
+    keys: np.ndarray  # (n,) item keys, best first
+    scores: np.ndarray  # (n,)
+
+
+class Retriever:
+    def __init__(self, model: torch.nn.Module, index: ItemIndex, store: FeatureStore, popular_n: int = 100):
+        self.model, self.index, self.store, self.popular_n = model.eval(), index, store, popular_n
+
+    @torch.inference_mode()
+    def user_vector(self, user_key: int, hist: np.ndarray) -> np.ndarray:
+        if hasattr(self.model, "encode_item_table"):  # two-tower: the user tower reads a full row
+            row = self.store.ranking_batch(user_key, hist, np.zeros(1, dtype=np.int64), ts=0)
+            return self.model.encode_users(row).numpy()
+        keys, n = self.store.padded(hist, self.model.max_history)
+        return self.model.encode_users(keys, n).numpy()
+
+    def retrieve(self, user_key: int, hist: np.ndarray, n: int) -> Scored:
+        if len(hist) or hasattr(self.model, "encode_item_table"):
+            scores, keys = self.index.search(self.user_vector(user_key, hist), n)
+            scores, keys = scores[0], keys[0]
+            ok = keys > 0
+            scores, keys = scores[ok], keys[ok]
+        else:
+            scores, keys = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        pop = self.store.popular[: self.popular_n]
+        extra = pop[~np.isin(pop, keys)]
+        floor = float(scores.min()) if len(scores) else 0.0
+        return Scored(np.concatenate([keys, extra]), np.concatenate([scores, np.full(len(extra), floor, np.float32)]))
+
+
+class Preranker:
+    def __init__(self, model: torch.nn.Module, store: FeatureStore, retrieval_weight: float = 0.0,
+                 cache_users: int = 10_000):
+        self.model, self.store, self.w = model.eval(), store, retrieval_weight
+        self.cache: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self.cache_users = cache_users
+
+    def _cache(self, user_key: int, hist: np.ndarray, row: dict[str, torch.Tensor]):
+        key = (user_key, hash(hist.tobytes()))  # a new click changes the history and the cache entry
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.model.absorb_batch({k: v[:1] for k, v in row.items()})
+            self.cache[key] = hit
+            if len(self.cache) > self.cache_users:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(key)
+        return hit
+
+    @torch.inference_mode()
+    def prerank(self, user_key: int, hist: np.ndarray, cands: Scored, m: int, ts: int) -> Scored:
+        if not len(cands.keys):
+            return cands
+        rows = self.store.ranking_batch(user_key, hist, cands.keys, ts)
+        cache = self._cache(user_key, hist, rows)
+        cand = {k: v for k, v in rows.items() if not k.startswith("hist_")}
+        s = self.model.score(cache, cand).float().numpy() + self.w * cands.scores
+        top = np.argsort(-s, kind="stable")[:m]
+        return Scored(cands.keys[top], s[top])
+
+
+class Ranker:
+    def __init__(self, model: torch.nn.Module, store: FeatureStore):
+        self.model, self.store = model.eval(), store
+
+    @torch.inference_mode()
+    def rank(self, user_key: int, hist: np.ndarray, keys: np.ndarray, k: int, ts: int) -> Scored:
+        if not len(keys):
+            return Scored(np.zeros(0, np.int64), np.zeros(0, np.float32))
+        rows = self.store.ranking_batch(user_key, hist, keys, ts)
+        p = torch.sigmoid(self.model(rows).logits.float()).numpy()
+        top = np.argsort(-p, kind="stable")[:k]
+        return Scored(np.asarray(keys)[top], p[top])
+
+
+class PopularityRanker:
+    """The A/B's baseline arm: the most clicked items of the log, the same for everyone."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    def recommend(self, k: int) -> Scored:
+        keys = self.store.popular[:k]
+        return Scored(keys, np.linspace(1.0, 0.5, len(keys), dtype=np.float32))
