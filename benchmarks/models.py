@@ -76,7 +76,11 @@ def step(model, batch, amp_dtype):
 
 
 def flops_per_sample(name: str, spec: FeatureSpec, device: str) -> float:
-    base, params = MODELS[name]
+    return model_flops(*MODELS[name], spec, device)
+
+
+def model_flops(base: str, params: dict, spec: FeatureSpec, device: str) -> float:
+    """FLOPs per sample of one forward+backward, counted by FlopCounterMode."""
     m = build_model(base, spec, params).to(device).train()
     b = make_batch(spec, 32, device)
     with FlopCounterMode(display=False) as fc:

@@ -356,9 +356,18 @@ class Funnel:
         return {"written": str(path or "")}
 
 
-def build_app(args: FunnelArgs | dict) -> serve.Application:
-    """The typed app builder: one stage deployment per alias the arms use, and the ingress."""
+def build_app(args: FunnelArgs) -> serve.Application:
+    """The typed app builder (`serve run serving/config.yaml` validates its `args:` as
+    FunnelArgs): one stage deployment per alias the arms use, and the ingress. Relative
+    paths are resolved here, where the command runs, not in the replicas."""
+    from pathlib import Path
+
     args = args if isinstance(args, FunnelArgs) else FunnelArgs(**args)
+    uri = args.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    args = args.model_copy(update={"data_dir": str(Path(args.data_dir).resolve()), "tracking_uri": uri,
+                                   "event_log": str(Path(args.event_log).resolve())})
     aliases = sorted({v.split("@", 1)[1] for v in args.variants.values() if v.startswith("funnel@")}) or ["champion"]
     bad = [v for v in args.variants.values() if v != "popularity" and not v.startswith("funnel@")]
     if bad or set(args.variants) != set(args.arms):

@@ -1,7 +1,8 @@
-"""The served funnel on the tiny world: registry aliases → Ray Serve over real HTTP on 127.0.0.1.
+"""End to end on the tiny world, then the served funnel over real HTTP on 127.0.0.1.
 
-Models are registered untrained (tiny presets): these tests are about serving — loading by
-alias, composition, validation, routing, the event log, reload — not model quality.
+The models are tiny and briefly trained: these tests are about the pipeline and serving —
+stages, registry aliases, composition, validation, routing, the event log, reload — not
+model quality (benchmarks/fidelity.py and the demo's A/B are).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import socket
 import pytest
 import requests
 
+from tests.conftest import ROOT
+
 pytestmark = pytest.mark.ray
 
 
@@ -21,42 +24,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def registry(tiny_cfg, tiny_processed, tmp_path_factory):
-    import dataclasses
-
-    from training.registry import log_run, register_with_gate
-    from training.tasks import make_task
-
-    root = tmp_path_factory.mktemp("serve_registry")
-    tracking = dataclasses.replace(tiny_cfg.tracking, uri=f"sqlite:///{root / 'mlflow.db'}",
-                                   artifact_location=str(root / "artifacts"))
-    cfg = dataclasses.replace(tiny_cfg, tracking=tracking)
-    for name in ("karma", "lrea", "cdnet"):
-        task = make_task(name, tiny_processed, seq_len=20 if name == "karma" else 0)
-        model = task.build(name, None, tiny=True)
-        metric = f"test_{task.metric}"
-        run_id = log_run(cfg, name, None, [], {metric: 0.5}, tiny_processed, model, task.spec, tiny=True)
-        assert register_with_gate(name, run_id, metric=metric)["challenger"]
-    return cfg
+STAGES = ["ingest", "train", "tune", "index", "deploy", "abtest", "promote"]
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, registry, tiny_processed, tmp_path_factory):
+def e2e_run(ray_session, tmp_path_factory):
+    """`jobs.e2e` on the tiny world, every stage: ingest → train (KARMA, LREA, CDNet) → tune →
+    index → deploy (real HTTP on 127.0.0.1) → simulated A/B → promote. The funnel it
+    deployed stays up for the serving tests of this module."""
     from ray import serve
 
-    from serving.app import FunnelArgs, build_app
+    from jobs import e2e
 
+    root = tmp_path_factory.mktemp("e2e")
     port = _free_port()
-    log = tmp_path_factory.mktemp("served_events")
-    args = FunnelArgs(data_dir=str(tiny_processed), tracking_uri=registry.tracking.uri, top_n=50, top_m=20,
-                      popular_n=10, reload_s=0, event_log=str(log), replica_cpus=0.1,
-                      arms={"control": 50, "treatment": 50},
-                      variants={"control": "popularity", "treatment": "funnel@challenger"})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="funnel", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", log
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # runs/ (markers, MLflow, Ray Train storage, event log) lands in the temp folder
+        args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"data.output={root / 'processed'}",
+                "--set", f"serve.port={port}", "--set", "serve.reload_s=0"]
+        assert e2e.main(args) == 0
+        yield {"root": root, "url": f"http://127.0.0.1:{port}", "args": args, "processed": root / "processed",
+               "log": root / "runs" / "served_events"}
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(e2e_run):
+    return e2e_run["url"], e2e_run["log"]
+
+
+@pytest.fixture(scope="module")
+def tiny_processed(e2e_run):
+    return e2e_run["processed"]
+
+
+def test_e2e_runs_every_stage_and_resumes(e2e_run, capsys):
+    import mlflow
+
+    from jobs import e2e
+
+    root = e2e_run["root"]
+    markers = {s: json.loads((root / "runs" / "e2e" / "tiny" / f"{s}.json").read_text()) for s in STAGES}
+    stats = json.loads((e2e_run["processed"] / "stats.json").read_text())
+    assert markers["ingest"]["fingerprint"] == stats["fingerprint"]
+    assert stats["input_rows"]["events"] == stats["accepted_events"] + stats["rejected_events"]
+    assert {m: markers["train"][m]["registered"] for m in ("karma", "lrea", "cdnet")} == {
+        "karma": "funnel-karma", "lrea": "funnel-lrea", "cdnet": "funnel-cdnet"}
+    assert "test_hr_50" in markers["train"]["karma"] and "test_auc" in markers["train"]["cdnet"]
+    assert markers["index"]["ntotal"] == 500 and markers["index"]["factory"] == "Flat"
+    ab = json.loads((root / "runs" / "abtest" / "last.json").read_text())
+    assert set(ab["arms"]) == {"control", "treatment"} and ab["sent"]["requests"] == 100
+    assert (root / "runs" / "abtest" / "last.png").stat().st_size > 1000
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    mv = client.get_model_version_by_alias("funnel-cdnet", "challenger")
+    assert mv.tags["promotion.promoted"] == str(markers["promote"]["promoted"])  # the evidence is on the version
+    assert mv.tags["promotion.abtest_run_id"] == ab["run_id"]
+    assert "index.factory" in client.get_model_version_by_alias("funnel-karma", "challenger").tags
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        capsys.readouterr()
+        assert e2e.main(e2e_run["args"][:4]) == 0  # resumes: every finished stage is skipped
+    assert capsys.readouterr().out.count("done earlier") == len(STAGES)
 
 
 def _users(root, n=40):
@@ -66,14 +94,14 @@ def _users(root, n=40):
 
 
 def test_endpoints_compose_and_route(served, tiny_processed):
-    url, log = served
+    url, _ = served
     import pandas as pd
 
     items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()
     r = requests.post(f"{url}/retrieve", json={"user_id": _users(tiny_processed)[0], "n": 30}, timeout=60)
     assert r.status_code == 200, r.text
     got = r.json()["items"]
-    assert len(got) >= 30 and set(got) <= set(items) and r.json()["model_version"] == "1"
+    assert len(got) >= 30 and set(got) <= set(items) and r.json()["model_version"]
     r = requests.post(f"{url}/prerank", json={"user_id": "u-unknown", "candidates": items[:50], "m": 10}, timeout=60)
     assert r.status_code == 200 and len(r.json()["items"]) == 10  # an unknown user takes the cold-start path
     r = requests.post(f"{url}/rank", json={"user_id": _users(tiny_processed)[1], "candidates": [*items[:40], "new-item"],
@@ -88,15 +116,15 @@ def test_endpoints_compose_and_route(served, tiny_processed):
         again = requests.post(f"{url}/recommend", json={"user_id": u, "k": 5}, timeout=60).json()
         arms[u].add(again["arm"])
         if rec["arm"] == "treatment":
-            assert rec["stages"] == {"retriever": "1", "preranker": "1", "ranker": "1"}
+            assert set(rec["stages"]) == {"retriever", "preranker", "ranker"}
         requests.post(f"{url}/feedback", json={"user_id": u, "request_id": rec["request_id"], "item_id": rec["items"][0],
                                                "position": 0, "arm": rec["arm"]}, timeout=60).raise_for_status()
     assert all(len(a) == 1 for a in arms.values())  # sticky
     assert {next(iter(a)) for a in arms.values()} == {"control", "treatment"}
-    assert requests.post(f"{url}/flush", timeout=60).json()["written"]
-    from serving.router import read_events
+    written = requests.post(f"{url}/flush", timeout=60).json()["written"]
+    import pandas as pd
 
-    ev = read_events(log)
+    ev = pd.read_parquet(written)  # this test's part of the event log
     assert set(ev["event"]) == {"impression", "click"} and (ev["event"] == "click").sum() == 40
     assert len(ev[ev["event"] == "impression"]) == 80 * 5
 
@@ -157,3 +185,37 @@ def test_bad_requests_get_4xx_and_the_service_keeps_answering(served, tiny_proce
     assert 413 in codes and 422 in codes and 404 in codes
     ok = requests.post(f"{url}/recommend", json={"user_id": users[0], "k": 3}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["items"]) == 3
+
+
+def test_a_stage_reloads_when_its_alias_moves_without_dropping_requests(served, e2e_run):
+    """A new cdnet version takes the `challenger` alias; the ranker loads it while requests flow."""
+    import threading
+
+    import mlflow
+    import pandas as pd
+    from ray import serve
+
+    url, _ = served
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{e2e_run['root'] / 'runs' / 'mlflow.db'}")
+    old = client.get_model_version_by_alias("funnel-cdnet", "challenger")
+    new = client.create_model_version("funnel-cdnet", source=old.source, run_id=old.run_id)
+    client.set_registered_model_alias("funnel-cdnet", "challenger", new.version)
+    items = pd.read_parquet(e2e_run["processed"] / "items.parquet")["item_id"].astype(str).tolist()[:30]
+    codes, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            codes.append(requests.post(f"{url}/rank", json={"user_id": "1", "candidates": items, "k": 3},
+                                       timeout=60).status_code)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        handle = serve.get_deployment_handle("RankerStage-challenger", app_name="funnel")
+        assert handle.reload_now.remote().result(timeout_s=120) == str(new.version)
+    finally:
+        stop.set()
+        t.join()
+    assert codes and set(codes) == {200}
+    body = requests.post(f"{url}/rank", json={"user_id": "1", "candidates": items, "k": 3}, timeout=60).json()
+    assert body["model_version"] == str(new.version)
