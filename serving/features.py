@@ -93,8 +93,9 @@ class FeatureStore:
     # ------------------------------------------------------------------ rows
 
     def ranking_batch(self, user_key: int, hist: np.ndarray, item_keys: np.ndarray, ts: int,
-                      position: int = 1) -> dict[str, torch.Tensor]:
-        """C rows (one per candidate) in the model batch format of models/spec.py."""
+                      position: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+        """C rows (one per candidate) in the model batch format of models/spec.py, with the
+        history cut to `seq_len` (the model's own; default the data's long length)."""
         c = len(item_keys)
         item_keys = np.asarray(item_keys, dtype=np.int64)
         u = np.full(c, user_key, dtype=np.int64)
@@ -122,8 +123,8 @@ class FeatureStore:
             else:
                 v = np.zeros(c)
             out[f] = torch.as_tensor(np.asarray(v, dtype=np.float32))
-        keys = hist[-self.seq_len:]
-        L = self.seq_len
+        L = seq_len or self.seq_len
+        keys = hist[-L:]
         seq = np.zeros(L, dtype=np.int64)
         if len(keys):
             seq[L - len(keys):] = keys

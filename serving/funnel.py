@@ -37,7 +37,8 @@ class Retriever:
     @torch.inference_mode()
     def user_vector(self, user_key: int, hist: np.ndarray) -> np.ndarray:
         if hasattr(self.model, "encode_item_table"):  # two-tower: the user tower reads a full row
-            row = self.store.ranking_batch(user_key, hist, np.zeros(1, dtype=np.int64), ts=0)
+            row = self.store.ranking_batch(user_key, hist, np.zeros(1, dtype=np.int64), ts=0,
+                                           seq_len=self.model.spec.seq_len)
             return self.model.encode_users(row).numpy()
         keys, n = self.store.padded(hist, self.model.max_history)
         return self.model.encode_users(keys, n).numpy()
@@ -64,7 +65,7 @@ class Preranker:
         self.cache_users = cache_users
 
     def _cache(self, user_key: int, hist: np.ndarray, row: dict[str, torch.Tensor]):
-        key = (user_key, hash(hist.tobytes()))  # a new click changes the history and the cache entry
+        key = (user_key, hash(hist[-self.model.spec.seq_len:].tobytes()))  # a new click: a new entry
         hit = self.cache.get(key)
         if hit is None:
             hit = self.model.absorb_batch({k: v[:1] for k, v in row.items()})
@@ -79,7 +80,7 @@ class Preranker:
     def prerank(self, user_key: int, hist: np.ndarray, cands: Scored, m: int, ts: int) -> Scored:
         if not len(cands.keys):
             return cands
-        rows = self.store.ranking_batch(user_key, hist, cands.keys, ts)
+        rows = self.store.ranking_batch(user_key, hist, cands.keys, ts, seq_len=self.model.spec.seq_len)
         cache = self._cache(user_key, hist, rows)
         cand = {k: v for k, v in rows.items() if not k.startswith("hist_")}
         s = self.model.score(cache, cand).float().numpy() + self.w * cands.scores
@@ -95,7 +96,7 @@ class Ranker:
     def rank(self, user_key: int, hist: np.ndarray, keys: np.ndarray, k: int, ts: int) -> Scored:
         if not len(keys):
             return Scored(np.zeros(0, np.int64), np.zeros(0, np.float32))
-        rows = self.store.ranking_batch(user_key, hist, keys, ts)
+        rows = self.store.ranking_batch(user_key, hist, keys, ts, seq_len=self.model.spec.seq_len)
         p = torch.sigmoid(self.model(rows).logits.float()).numpy()
         top = np.argsort(-p, kind="stable")[:k]
         return Scored(np.asarray(keys)[top], p[top])
