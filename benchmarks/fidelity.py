@@ -321,7 +321,8 @@ def report(out: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", action="append", required=True, help="a processed data folder (repeatable)")
+    p.add_argument("--data", action="append", default=[], help="a processed data folder (repeatable)")
+    p.add_argument("--report", nargs="+", help="print the markdown of earlier --out JSON files, run nothing")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--train-rows", type=int, default=Budget.train_rows)
     p.add_argument("--eval-rows", type=int, default=Budget.eval_rows)
@@ -330,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (one per process side by side)")
     p.add_argument("--out", default="benchmarks/out/fidelity.json")
     a = p.parse_args(argv)
+    if a.report:
+        for f in a.report:
+            for out in json.loads(Path(f).read_text()):
+                print(report(out), "\n", flush=True)
+        return 0
+    if not a.data:
+        p.error("--data is required (or --report)")
     torch.set_num_threads(a.threads)
     b = Budget(train_rows=a.train_rows, eval_rows=a.eval_rows, epochs=a.epochs)
     only = set(a.only.split(",")) if a.only else None

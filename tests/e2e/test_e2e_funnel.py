@@ -15,7 +15,7 @@ import requests
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]  # the e2e fixture runs every stage
 
 
 def _free_port() -> int:
