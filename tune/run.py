@@ -47,6 +47,16 @@ def _driver(trial: dict[str, Any]) -> None:
         callbacks=[TuneReportCallback()], storage_path=trial["storage"])
 
 
+def max_concurrent(cfg: FunnelConfig) -> int:
+    """`tune.max_concurrent`, lowered so that one whole CPU stays free for the Ray Data tasks
+    that feed the trials' workers (each needs a full CPU; without one every trial waits)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    per_trial = cfg.train.num_workers * min(cfg.train.cpus_per_worker, 0.5) + 0.01
+    return max(1, min(cfg.tune.max_concurrent, int((cpus - 1.0) // per_trial)))
+
+
 def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
              base_params: dict | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Returns the results table (one row per trial) and the best trial's summary."""
@@ -62,6 +72,7 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
 
     metric, test_metric = metric_names(model, cfg)
     storage = str((Path(cfg.train.storage_path) / "tune").resolve())
+    concurrent = max_concurrent(cfg)
     param_space = {**space(model), "cfg": cfg, "data_dir": str(Path(data_dir).resolve()), "model": model,
                    "base_params": base_params or {}, "storage": storage,
                    "trial_tag": tune.sample_from(lambda _: __import__("uuid").uuid4().hex[:8])}
@@ -69,7 +80,7 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
         tune.with_resources(_driver, {"cpu": 0.01}),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=metric, mode="max", num_samples=num_samples, max_concurrent_trials=cfg.tune.max_concurrent,
+            metric=metric, mode="max", num_samples=num_samples, max_concurrent_trials=concurrent,
             scheduler=ASHAScheduler(time_attr="epoch", grace_period=cfg.tune.grace_period, max_t=max(cfg.train.epochs, 1)),
             search_alg=OptunaSearch(seed=cfg.train.seed),
         ),
