@@ -123,8 +123,10 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     num_samples: int = 4
-    max_concurrent: int = 2
+    max_concurrent: int = 2  # lowered at run time to leave one CPU for Ray Data (tune/run.py)
     grace_period: int = 1
+    epochs: int = 0  # per trial; 0 = train.epochs
+    max_train_rows: int = 0  # per trial; 0 = train.max_train_rows
 
 
 @dataclass

@@ -27,7 +27,9 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     if ray.is_initialized():
         return
     serve_startup_env()
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    # The dashboard (127.0.0.1:8265) also serves the State API that Ray Train's placement-group
+    # cleaner polls; without it every fit logs a warning per second.
+    kwargs: dict = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         if num_cpus:
             kwargs["num_cpus"] = num_cpus

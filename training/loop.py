@@ -124,6 +124,9 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     from training.tasks import is_retrieval
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # shortens Ray Train's fixed cost (STACK.md)
+    # Ray Data's per-epoch progress bars of the workers' feeders would flood the job's output;
+    # the datasets carry this context to the workers.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     root = Path(data_dir)
     folder = "retrieval" if is_retrieval(model) else "ranking"
     datasets = {s: ray.data.read_parquet(str(root / folder / f"split={s}")) for s in ("train", "val", "test")}

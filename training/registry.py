@@ -6,8 +6,10 @@ or a local folder rebuilds the model with `models.build_model` — no training-c
 Registered as `funnel-<model>` from the run's artifact folder.
 
 Gate: a new version gets the alias `challenger` only when its test metric beats the
-current `champion` of that name on the same split (same dataset fingerprint), or when
-there is no champion. The decision and its numbers are written as version tags.
+current `champion` of that name on the same split (same dataset fingerprint) and the
+current `challenger` (a weaker later run, e.g. a short Tune trial, never displaces a better
+candidate); with neither, it becomes challenger. The decision and its numbers are written
+as version tags.
 """
 
 from __future__ import annotations
@@ -168,26 +170,31 @@ def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc") -
     with contextlib.suppress(MlflowException):  # it may exist already
         client.create_registered_model(name)
     mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id)
-    try:
-        champ = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champ = None
     decision: dict[str, Any] = {"model": name, "version": int(mv.version), "metric": metric, "value": value,
                                 "dataset_fingerprint": fp}
-    if champ is None:
-        decision |= {"challenger": True, "reason": "no champion yet"}
+    # to take `challenger` a version must beat the champion and the current challenger
+    reasons = []
+    for alias in ("champion", "challenger"):
+        try:
+            other = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            continue
+        o_run = client.get_run(other.run_id)
+        o_fp = o_run.data.tags.get("dataset_fingerprint", "")
+        o_val = o_run.data.metrics.get(metric, float("nan"))
+        decision |= {f"{alias}_version": int(other.version), f"{alias}_value": o_val}
+        if o_fp != fp:
+            if alias == "champion":
+                reasons.append(f"champion was tested on another dataset ({o_fp} != {fp}); re-evaluate it first")
+            continue  # a challenger from other data is simply replaced
+        if not value > o_val:
+            reasons.append(f"{metric} {value:.5f} <= {alias} {o_val:.5f}")
+    if reasons:
+        decision |= {"challenger": False, "reason": "; ".join(reasons)}
     else:
-        c_run = client.get_run(champ.run_id)
-        c_fp = c_run.data.tags.get("dataset_fingerprint", "")
-        c_val = c_run.data.metrics.get(metric, float("nan"))
-        decision |= {"champion_version": int(champ.version), "champion_value": c_val}
-        if c_fp != fp:
-            decision |= {"challenger": False,
-                         "reason": f"champion was tested on another dataset ({c_fp} != {fp}); re-evaluate it first"}
-        else:
-            better = value > c_val
-            decision |= {"challenger": better,
-                         "reason": f"{metric} {value:.5f} {'>' if better else '<='} champion {c_val:.5f}"}
+        beaten = [f"{a} {decision[a + '_value']:.5f}" for a in ("champion", "challenger") if f"{a}_value" in decision]
+        decision |= {"challenger": True, "reason": f"{metric} {value:.5f} > " + ", ".join(beaten) if beaten
+                     else "no champion or challenger yet"}
     if decision["challenger"]:
         client.set_registered_model_alias(name, "challenger", mv.version)
     for k, v in decision.items():

@@ -70,6 +70,9 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
     setup_tracking(cfg.tracking)
     import mlflow
 
+    t = cfg.train  # the trials' budget: tune.epochs / tune.max_train_rows where set
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        t, epochs=cfg.tune.epochs or t.epochs, max_train_rows=cfg.tune.max_train_rows or t.max_train_rows))
     metric, test_metric = metric_names(model, cfg)
     storage = str((Path(cfg.train.storage_path) / "tune").resolve())
     concurrent = max_concurrent(cfg)

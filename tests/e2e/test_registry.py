@@ -58,7 +58,7 @@ def test_gate_promotes_only_better_models(cfg, data_dir):
 
     r1, _ = _run(cfg, data_dir, 0.70)
     d1 = register_with_gate("dcnv2", r1)
-    assert d1["challenger"] and d1["reason"] == "no champion yet"
+    assert d1["challenger"] and d1["reason"] == "no champion or challenger yet"
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("funnel-dcnv2", "champion", d1["version"])  # as the A/B would
 
@@ -76,6 +76,10 @@ def test_gate_promotes_only_better_models(cfg, data_dir):
     b = make_batch(FeatureSpec.tiny())
     with torch.no_grad():
         assert torch.equal(loaded(b).logits, m3.eval()(b).logits)
+    r4, _ = _run(cfg, data_dir, 0.72, seed=3)  # beats the champion, not the current challenger
+    d4 = register_with_gate("dcnv2", r4)
+    assert not d4["challenger"] and "0.72000 <= challenger 0.75000" in d4["reason"]
+    assert int(client.get_model_version_by_alias("funnel-dcnv2", "challenger").version) == d3["version"]
     run = client.get_run(r3)
     assert run.data.params["model.name"] == "dcnv2" and run.data.params["world.num_users"] == "300"
     assert run.data.tags["dataset_fingerprint"] == "fp-1" and len(run.data.tags["git_commit"]) >= 7
