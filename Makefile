@@ -11,7 +11,7 @@ CONFIG ?= configs/small.yaml
 ML100K := data/raw/ml-100k/ml-100k.inter
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench lint lock movielens clean
+.PHONY: setup demo test test-slow bench bench-funnel fidelity lint lock movielens clean
 
 setup: $(STAMP) $(ML100K)
 
@@ -55,6 +55,19 @@ bench: setup
 	$(PY) -m benchmarks.sequences --data data/processed/small
 	$(PY) -m benchmarks.models
 	$(PY) -m benchmarks.lrea_serving
+	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.faiss_recall
+
+# Needs `make demo` first (registered models); the fidelity report takes about an hour.
+bench-funnel: setup
+	$(PY) -m benchmarks.ab_headroom --config configs/small.yaml
+	$(PY) -m benchmarks.serve_load --config configs/small.yaml
+
+fidelity: setup movielens
+	@test -f data/processed/small/stats.json || $(PY) -m jobs.ingest --config configs/small.yaml
+	@test -f data/processed/movielens/stats.json || $(PY) -m jobs.ingest --config configs/small.yaml --source movielens
+	$(PY) -m benchmarks.fidelity --data data/processed/small --data data/processed/movielens --seeds 3 \
+	  --train-rows 40000 --eval-rows 20000
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
