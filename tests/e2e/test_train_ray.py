@@ -47,6 +47,18 @@ def test_retrieval_models_train_on_ray_train(ray_session, tiny_cfg, tiny_data, t
         assert "train_feature_mask" in m  # the AdaF2M2 towers' aux term was trained
 
 
+@pytest.mark.parametrize("model", ["din", "dlf", "sim_hard", "mean_pool", "two_tower"])
+def test_every_other_model_runs_the_same_loop_with_num_workers_0(ray_session, tiny_cfg, tiny_data, tmp_path, model):
+    """The loop itself (`ScalingConfig(num_workers=0)`: local, no worker group) for the models
+    the TorchTrainer tests above do not cover; each trains, validates and tests."""
+    cfg = _cfg(tiny_cfg, tmp_path, epochs=1, patience=5, batch_size=512)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=0))
+    res = fit(cfg, str(tiny_data), model, None, name=f"local-{model}", tiny=True)
+    assert res.error is None
+    metric = "test_hr_50" if model == "two_tower" else "test_auc"
+    assert 0.0 <= res.metrics[metric] <= 1.0 and res.metrics["train_loss"] > 0
+
+
 def test_resume_after_a_worker_failure(ray_session, tiny_cfg, tiny_data, tmp_path):
     cfg = _cfg(tiny_cfg, tmp_path, epochs=3, patience=5, batch_size=1024, max_failures=1)
     res = fit(cfg, str(tiny_data), "mean_pool", None, name="resume", tiny=True, extra={"fail_once_at_epoch": 1})
