@@ -118,6 +118,12 @@ def _ts(ts: int | None) -> int:
     return int(ts if ts is not None else time.time())
 
 
+def _user(store, user_id: str, history: list[str] | None) -> tuple[int, np.ndarray]:
+    """The user's key (0 = unknown: the cold-start path) and history as item keys."""
+    u = int(store.user_keys([user_id])[0])
+    return u, store.user_history(u, _known(store, history))
+
+
 def _known(store, history: list[str] | None) -> np.ndarray | None:
     """The request's history as item keys; unknown items are dropped (cold start), None = use the log's."""
     if history is None:
@@ -217,8 +223,7 @@ class RetrieverStage(_Registered):
     async def retrieve(self, user_id: str, history: list[str] | None, n: int) -> Items:
         self.ensure_watch()
         stage = self.stage
-        u = int(self.store.user_keys([user_id])[0])
-        hist = self.store.user_history(u, _known(self.store, history))
+        u, hist = _user(self.store, user_id, history)
         res = stage.retrieve(u, hist, n)
         return Items(items=self.store.item_ids(res.keys), scores=res.scores.tolist(), model_version=self.version)
 
@@ -240,8 +245,7 @@ class PrerankerStage(_Registered):
 
         self.ensure_watch()
         stage = self.stage
-        u = int(self.store.user_keys([user_id])[0])
-        hist = self.store.user_history(u, _known(self.store, history))
+        u, hist = _user(self.store, user_id, history)
         keys = self.store.item_keys(candidates)
         s = np.asarray(scores if scores is not None else np.zeros(len(keys)), dtype=np.float32)
         res = stage.prerank(u, hist, Scored(keys, s), m, ts)
@@ -263,8 +267,7 @@ class RankerStage(_Registered):
     async def rank(self, user_id: str, history: list[str] | None, candidates: list[str], k: int, ts: int) -> Items:
         self.ensure_watch()
         stage = self.stage
-        u = int(self.store.user_keys([user_id])[0])
-        hist = self.store.user_history(u, _known(self.store, history))
+        u, hist = _user(self.store, user_id, history)
         keys = self.store.item_keys(candidates)
         res = stage.rank(u, hist, keys, k, ts)
         return Items(items=list(np.asarray(candidates)[_positions(keys, res.keys)]), scores=res.scores.tolist(),
