@@ -185,7 +185,6 @@ def popularity(train: pd.DataFrame, test: pd.DataFrame, cat: Catalogue, k: int) 
 
 
 def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None = None) -> dict[str, Any]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict[str, list[dict]] = {}
     add = lambda row, m: results.setdefault(row, []).append(m)  # noqa: E731
     want = lambda row: only is None or row in only  # noqa: E731

@@ -13,6 +13,7 @@ sample-ratio check. Report (markdown + PNG) and numbers logged to MLflow; one JS
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -111,11 +112,14 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
             versions[registered_name(m)] = "?"
     res["treatment_versions"] = versions
     md = report_markdown(res)
+    out = Path("runs") / "abtest"
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d, mlflow.start_run(experiment_id=exp, run_name="abtest") as run:
         (Path(d) / "abtest.md").write_text(md)
         (Path(d) / "abtest.json").write_text(json.dumps(res, indent=2, default=str))
         plot(res, events, Path(d) / "abtest.png")
         mlflow.log_artifacts(d)
+        shutil.copyfile(Path(d) / "abtest.png", out / "last.png")  # the same report, kept beside the run
         for a, s in res["arms"].items():
             mlflow.log_metrics({f"{a}_ctr": s["ctr"], f"{a}_clicks_per_request": s["clicks_per_request"],
                                 f"{a}_users": s["users"]})
@@ -124,11 +128,8 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
         mlflow.set_tags({"srm_mismatch": str(res["srm"]["mismatch"]), "variants": json.dumps(cfg.abtest.variants),
                          **{f"version.{k}": v for k, v in versions.items()}})
         res["run_id"] = run.info.run_id
-    out = Path("runs") / "abtest"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "last.json").write_text(json.dumps(res, indent=2, default=str))
     (out / "last.md").write_text(md)
-    plot(res, events, out / "last.png")
     print(md, flush=True)
     return res
 

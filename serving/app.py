@@ -365,11 +365,11 @@ def build_app(args: FunnelArgs) -> serve.Application:
     paths are resolved here, where the command runs, not in the replicas."""
     from pathlib import Path
 
+    from training.registry import resolve_tracking_uri
+
     args = args if isinstance(args, FunnelArgs) else FunnelArgs(**args)
-    uri = args.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    args = args.model_copy(update={"data_dir": str(Path(args.data_dir).resolve()), "tracking_uri": uri,
+    args = args.model_copy(update={"data_dir": str(Path(args.data_dir).resolve()),
+                                   "tracking_uri": resolve_tracking_uri(args.tracking_uri),
                                    "event_log": str(Path(args.event_log).resolve())})
     aliases = sorted({v.split("@", 1)[1] for v in args.variants.values() if v.startswith("funnel@")}) or ["champion"]
     bad = [v for v in args.variants.values() if v != "popularity" and not v.startswith("funnel@")]

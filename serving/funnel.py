@@ -100,14 +100,3 @@ class Ranker:
         p = torch.sigmoid(self.model(rows).logits.float()).numpy()
         top = np.argsort(-p, kind="stable")[:k]
         return Scored(np.asarray(keys)[top], p[top])
-
-
-class PopularityRanker:
-    """The A/B's baseline arm: the most clicked items of the log, the same for everyone."""
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-
-    def recommend(self, k: int) -> Scored:
-        keys = self.store.popular[:k]
-        return Scored(keys, np.linspace(1.0, 0.5, len(keys), dtype=np.float32))

@@ -92,16 +92,21 @@ def load_model(uri: str) -> torch.nn.Module:
 # --------------------------------------------------------------------------- tracking
 
 
+def resolve_tracking_uri(uri: str) -> str:
+    """A relative SQLite URI made absolute (against the current directory); others unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
 def setup_tracking(t: TrackingConfig) -> str:
     """Point MLflow at `t.uri` (SQLite by default) and an experiment whose artifacts go to an
     explicit location (never a cwd-relative ./mlruns). Returns the experiment id."""
     import mlflow
 
-    uri = t.uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        db = Path(uri[len("sqlite:///"):]).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{db}"
+    uri = resolve_tracking_uri(t.uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(t.experiment)
     if exp is not None:
