@@ -1,72 +1,143 @@
-"""How much CTR could the funnel win? The world's own click model scores slates offline.
+"""How much CTR can the funnel win? An offline replay of the A/B, scored by the world itself.
 
-  python -m benchmarks.ab_headroom --config configs/small.yaml [--users 60] [--alias challenger]
+  python -m benchmarks.ab_headroom --config configs/small.yaml [--users 600] [--alias challenger]
+                                   [--ranker-uri models:/funnel-cdnet/3] [--set serve.popular_n=300]
 
-For simulated users at random times of the A/B horizon, the mean true click probability
-(positions 0..9, the world's position bias included) of four slates of 10: the popularity
-arm's (most clicked items of the log), the registered ranker's top 10 over the whole
-catalogue, the registered pre-ranker's (LREA) top 10, and the oracle's (the world's own
-top 10 for that user and time). A ranker no better than popularity here cannot win the
-A/B, whatever the retrieval stage does. Prints a table, writes JSON.
+The same simulated users and request times as `jobs.abtest` (sessions like the logs', the
+clicks of each slate fed back into the next request's history), but in one process through
+the serving classes themselves (serving/funnel.py: FAISS retrieval + popularity channel,
+LREA pre-ranking, the ranker), no Ray Serve. Every user sees every slate below, so the
+comparison is paired. Per slate the mean *true* click probability over positions 0..k-1
+(the world's position bias included), not sampled clicks:
+
+- popularity: the control arm (the log's most clicked items);
+- funnel: retrieval → pre-ranking → ranking, exactly as served;
+- ranker over the catalogue: the ranker's top k of every known item (no retrieval);
+- oracle: the world's own top k for that user and time.
+
+The funnel's own clicks (sampled from the world) extend its history; the other slates read
+the same history. Prints a table with the paired lift over popularity and its 95% CI, and
+the minimum number of A/B users to detect that lift (two-sided α = 0.05, power 0.8) at the
+configured requests per user; writes JSON. Use it to size the A/B before running it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from tqdm import tqdm
 
-from configs import load_config
+
+def _stage_models(cfg, alias: str, ranker_uri: str | None):
+    import mlflow
+
+    from serving.funnel import Preranker, Ranker, Retriever
+    from serving.index_build import build_index, load_logged_index
+    from training.registry import load_model, registered_name
+
+    client = mlflow.MlflowClient()
+    out = {}
+    for kind, model in (("retriever", cfg.serve.retriever), ("preranker", cfg.serve.preranker),
+                        ("ranker", cfg.serve.ranker)):
+        mv = client.get_model_version_by_alias(registered_name(model), alias)
+        uri = ranker_uri if kind == "ranker" and ranker_uri else f"models:/{registered_name(model)}/{mv.version}"
+        out[kind] = (load_model(uri), mv)
+    from serving.features import FeatureStore
+
+    store = FeatureStore(cfg.data.output)
+    retr, mv = out["retriever"]
+    index = load_logged_index(mv.run_id, mv.version) or build_index(retr, cfg.data.output, cfg.serve.index_factory)
+    return (store, Retriever(retr, index, store, cfg.serve.popular_n),
+            Preranker(out["preranker"][0], store, cfg.serve.retrieval_weight), Ranker(out["ranker"][0], store))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/small.yaml")
-    p.add_argument("--users", type=int, default=60)
+    from jobs.common import config_parser, load
+
+    p = config_parser(__doc__)
+    p.add_argument("--users", type=int, default=200)
     p.add_argument("--alias", default="challenger")
+    p.add_argument("--ranker-uri", help="rank with this model instead of the alias's (e.g. a run's model)")
+    p.add_argument("--no-catalogue", action="store_true", help="skip the ranker-over-the-catalogue slate")
     p.add_argument("--out", default="benchmarks/out/ab_headroom.json")
     a = p.parse_args(argv)
+    from jobs.abtest import schedule
     from pipeline.world import get_world
-    from serving.features import FeatureStore
-    from training.registry import load_model, registered_name, setup_tracking
+    from training.registry import setup_tracking
 
-    cfg = load_config(a.config)
+    cfg = load(a)
     setup_tracking(cfg.tracking)
-    world, store = get_world(cfg.world), FeatureStore(cfg.data.output)
-    models = {f"{m} top 10": load_model(f"models:/{registered_name(m)}@{a.alias}")
-              for m in (cfg.serve.ranker, cfg.serve.preranker)}
+    world = get_world(cfg.world)
+    store, retriever, preranker, ranker = _stage_models(cfg, a.alias, a.ranker_uri)
+    s, k = cfg.serve, cfg.abtest.slate_size
     keys = np.arange(1, len(store.item_id))
-    known = np.array([x is not None for x in store.item_id[keys]])
-    keys = keys[known]
+    keys = keys[np.array([x is not None for x in store.item_id[keys]])]
     ids = np.array([int(x) for x in store.item_id[keys]])
-    pop = np.array([int(x) for x in store.item_ids(store.popular[:10])])
+    pop = np.array([int(x) for x in store.item_ids(store.popular[:k])])
     users = world.users_table()
     users = users[users["registered_ts"] < world.log_end_ts]["user_id"].to_numpy()
-    rng = np.random.default_rng(0)
-    pos = np.arange(10)
-    rows: dict[str, list[float]] = {"popularity": [], **{k: [] for k in models}, "oracle (world's top 10)": []}
-    for u in rng.choice(users, min(a.users, len(users)), replace=False):
-        ts = int(rng.integers(world.log_end_ts, world.ab_end_ts))
-        ctr = lambda items: float(world.click_probabilities(np.full(10, u), items, pos, np.full(10, ts)).mean())  # noqa: E731, B023
-        rows["popularity"].append(ctr(pop))
-        p_all = world.click_probabilities(np.full(len(ids), u), ids, np.zeros(len(ids)), np.full(len(ids), ts))
-        rows["oracle (world's top 10)"].append(ctr(ids[np.argsort(-p_all)[:10]]))
+    rng = np.random.default_rng(cfg.abtest.seed)
+    pos = np.arange(k)
+    names = ["popularity", "funnel", "ranker over the catalogue", "oracle (world's top k)"]
+    if a.no_catalogue:
+        names.remove("ranker over the catalogue")
+    per_user = {n: [] for n in names}
+    t0 = time.time()
+    for u in tqdm(rng.choice(users, min(a.users, len(users)), replace=False), desc="users", unit="user",
+                  disable=not sys.stderr.isatty()):
         uk = int(store.user_keys([str(u)])[0])
-        hist = store.user_history(uk)
-        for name, m in models.items():
-            with torch.inference_mode():
-                s = m(store.ranking_batch(uk, hist, keys, ts, seq_len=m.spec.seq_len)).logits.float().numpy()
-            rows[name].append(ctr(ids[np.argsort(-s)[:10]]))
-    out = {k: {"mean_ctr": float(np.mean(v)), "se": float(np.std(v, ddof=1) / np.sqrt(len(v)))} for k, v in rows.items()}
-    print(f"{'slate':<28}{'mean true CTR':>15}{'± se':>9}{'vs popularity':>15}")
-    for k, v in out.items():
-        print(f"{k:<28}{v['mean_ctr']:>15.4f}{v['se']:>9.4f}{v['mean_ctr'] / out['popularity']['mean_ctr'] - 1:>+15.1%}")
+        recent: list[int] = []
+        sums = dict.fromkeys(names, 0.0)
+        times = schedule(world, cfg.abtest.requests_per_user, rng)
+        for ts in times:
+            ts = int(ts)
+            hist = store.user_history(uk, recent=np.array(recent, dtype=np.int64))
+
+            def ctr(items: np.ndarray, ts: int = ts, u: int = int(u)) -> np.ndarray:
+                return world.click_probabilities(np.full(len(items), u), items, pos[: len(items)],
+                                                 np.full(len(items), ts))
+
+            got = retriever.retrieve(uk, hist, s.retrieve_top_n)
+            pre = preranker.prerank(uk, hist, got, s.prerank_top_m, ts)
+            slate = np.array([int(x) for x in store.item_ids(ranker.rank(uk, hist, pre.keys, k, ts).keys)])
+            p_funnel = ctr(slate)
+            sums["funnel"] += float(p_funnel.mean())
+            sums["popularity"] += float(ctr(pop).mean())
+            if "ranker over the catalogue" in sums:
+                top = ranker.rank(uk, hist, keys, k, ts).keys
+                sums["ranker over the catalogue"] += float(ctr(np.array([int(x) for x in store.item_ids(top)])).mean())
+            p_all = world.click_probabilities(np.full(len(ids), u), ids, np.zeros(len(ids)), np.full(len(ids), ts))
+            sums["oracle (world's top k)"] += float(ctr(ids[np.argsort(-p_all)[:k]]).mean())
+            clicked = rng.random(len(slate)) < p_funnel  # the funnel arm's clicks, fed back
+            recent += store.item_keys([str(x) for x in slate[clicked]]).tolist()
+        for n in names:
+            per_user[n].append(sums[n] / len(times))
+    base = np.array(per_user["popularity"])
+    out: dict[str, dict[str, float]] = {}
+    for n in names:
+        v = np.array(per_user[n])
+        d = v - base  # paired per user: the lift's CI
+        lift, se = d.mean() / base.mean(), d.std(ddof=1) / np.sqrt(len(d)) / base.mean()
+        out[n] = {"mean_ctr": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))), "lift": float(lift),
+                  "lift_ci95": [float(lift - 1.96 * se), float(lift + 1.96 * se)]}
+    # A/B size: two independent arms of n users each; per-user CTR sd from the replay
+    sd = float(np.sqrt((np.var(per_user["funnel"], ddof=1) + np.var(base, ddof=1)) / 2))
+    eff = out["funnel"]["mean_ctr"] - out["popularity"]["mean_ctr"]
+    need = int(np.ceil(2 * ((1.96 + 0.84) * sd / eff) ** 2)) if eff > 0 else None
+    print(f"{'slate':<28}{'true CTR':>10}{'± se':>8}{'lift vs popularity (95% CI)':>34}")
+    for n, v in out.items():
+        ci = f"{v['lift']:+.1%} ({v['lift_ci95'][0]:+.1%} … {v['lift_ci95'][1]:+.1%})"
+        print(f"{n:<28}{v['mean_ctr']:>10.4f}{v['se']:>8.4f}{ci:>34}")
+    print(f"users per arm to detect the funnel's lift (α 0.05, power 0.8, {cfg.abtest.requests_per_user} requests "
+          f"per user): {need if need else 'no positive lift to detect'}  [{time.time() - t0:.0f} s]")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"users": a.users, "alias": a.alias, "slates": out}, indent=1))
+    Path(a.out).write_text(json.dumps({"users": a.users, "alias": a.alias, "ranker_uri": a.ranker_uri,
+                                       "requests_per_user": cfg.abtest.requests_per_user, "slates": out,
+                                       "users_per_arm_needed": need}, indent=1))
     return 0
 
 

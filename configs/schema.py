@@ -144,13 +144,15 @@ class ServeConfig:
     popular_n: int = 100  # the popularity recall channel beside FAISS
     retrieval_weight: float = 0.0  # pre-ranking score = LREA logit + this * retrieval score
     reload_s: float = 30.0  # how often a stage checks whether its registry alias moved
+    max_batch_size: int = 16  # @serve.batch: concurrent requests per forward pass (retriever, ranker); 1 = off
+    batch_wait_ms: float = 2.0  # how long a batch waits to fill
     event_log: str = "runs/served_events"
 
 
 @dataclass
 class ABTestConfig:
     num_users: int = 500
-    requests_per_user: int = 4
+    requests_per_user: int = 4  # per simulated user, in sessions like the log's (see jobs/abtest.py)
     salt: str = "funnel-ab"
     arms: dict[str, int] = field(default_factory=lambda: {"control": 50, "treatment": 50})
     # what each arm serves: "popularity" or "funnel@<registry alias>"

@@ -3,9 +3,12 @@
   python -m jobs.abtest --config configs/small.yaml [--url http://127.0.0.1:8000]
 
 Without --url the funnel is deployed first (Ray Serve on serve.host:serve.port). N
-simulated users of the world (abtest.num_users, each abtest.requests_per_user requests
-at random times of the A/B horizon) call /recommend; the world's click model decides the
-clicks, which go back through /feedback; the served event log is then analysed
+simulated users of the world (abtest.num_users, each abtest.requests_per_user requests)
+call /recommend. Their traffic follows the world's own traffic model, as in the logs:
+sessions start at random times of the A/B horizon and hold 1 + Poisson(requests per
+session) requests, Exp(60 s) + 5 s apart; a user's requests go out in time order. The
+world's click model decides the clicks, which go back through /feedback (so the next
+request of the session sees them, as a served history does); the event log is then analysed
 (serving/abtest.py): CTR and clicks per request per arm, the lift with a 95% CI, a
 sample-ratio check. Report (markdown + PNG) and numbers logged to MLflow; one JSON line.
 """
@@ -40,6 +43,20 @@ def deploy(cfg: FunnelConfig, data_dir: str | None = None) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
+def schedule(world, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) request times of one user, sorted: sessions as in the logs (pipeline/simulator.py) —
+    a uniform start in the A/B horizon, 1 + Poisson(requests_per_session) requests, gaps of
+    Exp(60 s) + 5 s — until n requests; all inside the horizon."""
+    sizes = 1 + rng.poisson(world.cfg.requests_per_session, size=n)
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), n)) + 1]
+    sizes[-1] -= int(sizes.sum()) - n
+    starts = np.repeat(rng.integers(world.log_end_ts, world.ab_end_ts - 3600, size=len(sizes)), sizes)
+    gaps = rng.exponential(60.0, size=n).astype(np.int64) + 5
+    cs = np.cumsum(gaps)
+    within = cs - cs[np.repeat(np.cumsum(sizes) - sizes, sizes)]  # seconds since the session's first request
+    return np.sort(starts + within)
+
+
 def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
     """Drive the world's users against `url`; returns how many requests/clicks were sent."""
     from pipeline.world import get_world
@@ -50,36 +67,43 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
     users = world.users_table()
     known = users[users["registered_ts"] < world.log_end_ts]["user_id"].to_numpy()
     chosen = rng.choice(known, size=min(ab.num_users, len(known)), replace=False)
-    jobs = [(str(u), int(t), int(s)) for u in chosen
-            for t, s in zip(rng.integers(world.log_end_ts, world.ab_end_ts, ab.requests_per_user),
-                            rng.integers(0, 2**31, ab.requests_per_user), strict=True)]
+    jobs = [(str(u), schedule(world, ab.requests_per_user, rng), int(rng.integers(0, 2**31))) for u in chosen]
     http = requests.Session()
     errors: list[str] = []
+    bar = tqdm(total=len(chosen) * ab.requests_per_user, desc="A/B requests", unit="req",
+               disable=not sys.stderr.isatty())
 
-    def one(job: tuple[str, int, int]) -> int:
-        user, ts, seed = job
+    sent: list[int] = []  # one entry per request (list.append is atomic across threads)
+
+    def one(user: str, ts: int, click_rng: np.random.Generator) -> int:
         r = http.post(f"{url}/recommend", json={"user_id": user, "k": ab.slate_size, "ts": ts}, timeout=120)
+        sent.append(1)
+        bar.update()
         if r.status_code != 200:
             errors.append(f"{r.status_code} {r.text[:200]}")
             return 0
         rec = r.json()
         items = np.array([int(i) for i in rec["items"]])
         pos = np.arange(len(items))
-        clicked = world.sample_clicks(np.full(len(items), int(user)), items, pos, np.full(len(items), ts),
-                                      np.random.default_rng(seed))
+        clicked = world.sample_clicks(np.full(len(items), int(user)), items, pos, np.full(len(items), ts), click_rng)
         for p in pos[clicked]:
             http.post(f"{url}/feedback", json={"user_id": user, "request_id": rec["request_id"],
                                                "item_id": rec["items"][p], "position": int(p), "arm": rec["arm"],
                                                "ts": ts}, timeout=120).raise_for_status()
         return int(clicked.sum())
 
+    def user_requests(job: tuple[str, np.ndarray, int]) -> int:
+        user, times, seed = job  # in time order: each request sees the clicks fed back before it
+        click_rng = np.random.default_rng(seed)
+        return sum(one(user, int(ts), click_rng) for ts in times)
+
     with ThreadPoolExecutor(ab.concurrency) as pool:
-        clicks = sum(tqdm(pool.map(one, jobs), total=len(jobs), desc="A/B requests", unit="req",
-                          disable=not sys.stderr.isatty()))
+        clicks = sum(pool.map(user_requests, jobs))
+    bar.close()
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(jobs)} A/B requests failed; first: {errors[0]}")
+        raise RuntimeError(f"{len(errors)} of {len(sent)} A/B requests failed; first: {errors[0]}")
     http.post(f"{url}/flush", timeout=120).raise_for_status()
-    return {"requests": len(jobs), "clicks": clicks, "users": len(chosen)}
+    return {"requests": len(sent), "clicks": clicks, "users": len(chosen)}
 
 
 def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None = None) -> dict[str, Any]:

@@ -106,6 +106,8 @@ class FunnelArgs(BaseModel):
     popular_n: int = 100
     retrieval_weight: float = 0.0
     replica_cpus: float = 0.25
+    max_batch_size: int = 16  # @serve.batch of the retriever and the ranker; 1 = no batching
+    batch_wait_ms: float = 2.0
     reload_s: float = 30.0
     event_log: str = "runs/served_events"
 
@@ -118,10 +120,11 @@ def _ts(ts: int | None) -> int:
     return int(ts if ts is not None else time.time())
 
 
-def _user(store, user_id: str, history: list[str] | None) -> tuple[int, np.ndarray]:
-    """The user's key (0 = unknown: the cold-start path) and history as item keys."""
+def _user(store, user_id: str, history: list[str] | None, recent: list[str] | None = None) -> tuple[int, np.ndarray]:
+    """The user's key (0 = unknown: the cold-start path) and history as item keys: the request's
+    own history if it sends one, else the log's followed by the clicks fed back since."""
     u = int(store.user_keys([user_id])[0])
-    return u, store.user_history(u, _known(store, history))
+    return u, store.user_history(u, _known(store, history), recent=_known(store, recent))
 
 
 def _known(store, history: list[str] | None) -> np.ndarray | None:
@@ -199,6 +202,11 @@ class _Registered:
         return False
 
 
+def _batching(method, args: FunnelArgs) -> None:
+    method.set_max_batch_size(max(1, args.max_batch_size))
+    method.set_batch_wait_timeout_s(args.batch_wait_ms / 1000.0 if args.max_batch_size > 1 else 0.0)
+
+
 def _store(args: FunnelArgs):
     from serving.features import FeatureStore
 
@@ -210,6 +218,7 @@ class RetrieverStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str):
         self.store = _store(args)
         super().__init__(args, args.retriever, alias)
+        _batching(self._retrieve_batch, args)
 
     def build(self, model) -> None:
         from serving.funnel import Retriever
@@ -220,12 +229,24 @@ class RetrieverStage(_Registered):
             index = build_index(model, self.args.data_dir, self.args.index_factory)
         self.stage = Retriever(model, index, self.store, self.args.popular_n)
 
-    async def retrieve(self, user_id: str, history: list[str] | None, n: int) -> Items:
+    async def retrieve(self, user_id: str, history: list[str] | None, n: int,
+                       recent: list[str] | None = None) -> Items:
         self.ensure_watch()
-        stage = self.stage
-        u, hist = _user(self.store, user_id, history)
-        res = stage.retrieve(u, hist, n)
-        return Items(items=self.store.item_ids(res.keys), scores=res.scores.tolist(), model_version=self.version)
+        u, hist = _user(self.store, user_id, history, recent)
+        res, version = await self._retrieve_batch((u, hist, n))
+        return Items(items=self.store.item_ids(res.keys), scores=res.scores.tolist(), model_version=version)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _retrieve_batch(self, reqs: list[tuple[int, np.ndarray, int]]) -> list[tuple[Any, str]]:
+        """Concurrent requests → one user-tower forward and one FAISS search per distinct n."""
+        stage, version = self.stage, self.version
+        out: list[Any] = [None] * len(reqs)
+        for n in {r[2] for r in reqs}:
+            idx = [i for i, r in enumerate(reqs) if r[2] == n]
+            for i, res in zip(idx, stage.retrieve_many([reqs[i][0] for i in idx], [reqs[i][1] for i in idx], n),
+                              strict=True):
+                out[i] = (res, version)
+        return out
 
 
 @serve.deployment
@@ -240,12 +261,12 @@ class PrerankerStage(_Registered):
         self.stage = Preranker(model, self.store, self.args.retrieval_weight)
 
     async def prerank(self, user_id: str, history: list[str] | None, candidates: list[str],
-                      scores: list[float] | None, m: int, ts: int) -> Items:
+                      scores: list[float] | None, m: int, ts: int, recent: list[str] | None = None) -> Items:
         from serving.funnel import Scored
 
         self.ensure_watch()
         stage = self.stage
-        u, hist = _user(self.store, user_id, history)
+        u, hist = _user(self.store, user_id, history, recent)
         keys = self.store.item_keys(candidates)
         s = np.asarray(scores if scores is not None else np.zeros(len(keys)), dtype=np.float32)
         res = stage.prerank(u, hist, Scored(keys, s), m, ts)
@@ -258,20 +279,27 @@ class RankerStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str):
         self.store = _store(args)
         super().__init__(args, args.ranker, alias)
+        _batching(self._rank_batch, args)
 
     def build(self, model) -> None:
         from serving.funnel import Ranker
 
         self.stage = Ranker(model, self.store)
 
-    async def rank(self, user_id: str, history: list[str] | None, candidates: list[str], k: int, ts: int) -> Items:
+    async def rank(self, user_id: str, history: list[str] | None, candidates: list[str], k: int, ts: int,
+                   recent: list[str] | None = None) -> Items:
         self.ensure_watch()
-        stage = self.stage
-        u, hist = _user(self.store, user_id, history)
+        u, hist = _user(self.store, user_id, history, recent)
         keys = self.store.item_keys(candidates)
-        res = stage.rank(u, hist, keys, k, ts)
+        res, version = await self._rank_batch((u, hist, keys, k, ts))
         return Items(items=list(np.asarray(candidates)[_positions(keys, res.keys)]), scores=res.scores.tolist(),
-                     model_version=self.version)
+                     model_version=version)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _rank_batch(self, reqs: list[tuple]) -> list[tuple[Any, str]]:
+        """Concurrent requests → one forward pass over all their candidates."""
+        stage, version = self.stage, self.version
+        return [(res, version) for res in stage.rank_many(reqs)]
 
     def reload_now(self) -> str:
         self.check_reload()
@@ -298,13 +326,14 @@ class Funnel:
     def __init__(self, args: FunnelArgs, retrievers: dict[str, Any], prerankers: dict[str, Any],
                  rankers: dict[str, Any]):
         from serving.features import FeatureStore
-        from serving.router import ArmRouter, EventLog
+        from serving.router import ArmRouter, EventLog, RecentClicks
 
         self.args = args
         self.router = ArmRouter(args.arms, args.salt)
         self.retrievers, self.prerankers, self.rankers = retrievers, prerankers, rankers
         self.default = next(iter(rankers))
         self.log = EventLog(args.event_log)
+        self.recent = RecentClicks()  # /feedback clicks: the fresh end of each user's history
         store = FeatureStore(args.data_dir)
         self.popular = store.item_ids(store.popular[:100])  # the popularity arm's slate
 
@@ -312,26 +341,33 @@ class Funnel:
     def healthz(self) -> dict[str, Any]:
         return {"ok": True, "arms": self.args.arms, "variants": self.args.variants}
 
+    def _recent(self, req, ts: int) -> list[str] | None:
+        """Clicks fed back before `ts`, unless the request sends its own history."""
+        return self.recent.before(req.user_id, ts) if req.history is None else None
+
     @api.post("/retrieve")
     async def retrieve(self, req: RetrieveRequest) -> Items:
-        return await self.retrievers[self.default].retrieve.remote(req.user_id, req.history, req.n)
+        recent = self._recent(req, _ts(None))
+        return await self.retrievers[self.default].retrieve.remote(req.user_id, req.history, req.n, recent)
 
     @api.post("/prerank")
     async def prerank(self, req: PrerankRequest) -> Items:
+        ts = _ts(req.ts)
         return await self.prerankers[self.default].prerank.remote(req.user_id, req.history, req.candidates, None,
-                                                                   req.m, _ts(req.ts))
+                                                                   req.m, ts, self._recent(req, ts))
 
     @api.post("/rank")
     async def rank(self, req: RankRequest) -> Items:
+        ts = _ts(req.ts)
         return await self.rankers[self.default].rank.remote(req.user_id, req.history, req.candidates, req.k,
-                                                             _ts(req.ts))
+                                                             ts, self._recent(req, ts))
 
     async def _funnel(self, alias: str, req: RecommendRequest, ts: int) -> tuple[Items, dict[str, str]]:
-        a = self.args
-        got = await self.retrievers[alias].retrieve.remote(req.user_id, req.history, a.top_n)
+        a, recent = self.args, self._recent(req, ts)
+        got = await self.retrievers[alias].retrieve.remote(req.user_id, req.history, a.top_n, recent)
         pre = await self.prerankers[alias].prerank.remote(req.user_id, req.history, got.items, got.scores,
-                                                           a.top_m, ts)
-        out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts)
+                                                           a.top_m, ts, recent)
+        out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts, recent)
         return out, {"retriever": got.model_version, "preranker": pre.model_version, "ranker": out.model_version}
 
     @api.post("/recommend")
@@ -350,7 +386,9 @@ class Funnel:
 
     @api.post("/feedback")
     def feedback(self, req: FeedbackRequest) -> dict[str, bool]:
-        self.log.click(req.user_id, req.item_id, _ts(req.ts), req.request_id, req.position, req.arm)
+        ts = _ts(req.ts)
+        self.log.click(req.user_id, req.item_id, ts, req.request_id, req.position, req.arm)
+        self.recent.add(req.user_id, req.item_id, ts)
         return {"ok": True}
 
     @api.post("/flush")
@@ -396,4 +434,5 @@ def args_from_config(cfg, data_dir: str | None = None) -> FunnelArgs:
                       variants=ab.variants, salt=ab.salt, index_factory=s.index_factory, top_n=s.retrieve_top_n,
                       top_m=s.prerank_top_m, top_k=s.rank_top_k, popular_n=s.popular_n,
                       retrieval_weight=s.retrieval_weight, replica_cpus=s.replica_cpus, reload_s=s.reload_s,
+                      max_batch_size=s.max_batch_size, batch_wait_ms=s.batch_wait_ms,
                       event_log=str(Path(s.event_log).resolve()))

@@ -71,16 +71,21 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ histories
 
-    def user_history(self, user_key: int, override: np.ndarray | None = None, length: int | None = None) -> np.ndarray:
-        """(≤ L,) item keys, most recent last: the request's own history if given, else the log's."""
+    def user_history(self, user_key: int, override: np.ndarray | None = None, length: int | None = None,
+                     recent: np.ndarray | None = None) -> np.ndarray:
+        """(≤ L,) item keys, most recent last: the request's own history if given, else the log's
+        followed by `recent` (clicks fed back since the log ended, oldest first)."""
         length = length or self.seq_len
         if override is not None:
             return np.asarray(override, dtype=np.int64)[-length:]
         if user_key <= 0 or user_key >= len(self.n_clicks):
-            return np.zeros(0, dtype=np.int64)
-        end = np.array([self.n_clicks[user_key]])
-        g = self.history.gather(np.array([user_key]), end, length)
-        return g["item_key"][0, length - int(g["len"][0]):]
+            logged = np.zeros(0, dtype=np.int64)
+        else:
+            g = self.history.gather(np.array([user_key]), np.array([self.n_clicks[user_key]]), length)
+            logged = g["item_key"][0, length - int(g["len"][0]):]
+        if recent is None or not len(recent):
+            return logged
+        return np.concatenate([logged, np.asarray(recent, dtype=np.int64)])[-length:]
 
     def padded(self, hist: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, L) left-padded keys and (1,) length."""
@@ -101,7 +106,7 @@ class FeatureStore:
         u = np.full(c, user_key, dtype=np.int64)
         out: dict[str, torch.Tensor] = {}
         t = pd.Timestamp(int(ts), unit="s", tz="UTC")
-        ctx = {"hour": t.hour, "dow": t.dayofweek, "position": position}
+        ctx = {"hour": t.hour, "dow": t.day_of_week, "position": position}
         for f in self.spec.categorical:
             if f in self.item_cat:
                 v = self.item_cat[f][item_keys]

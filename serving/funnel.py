@@ -10,6 +10,10 @@ and tests and the A/B simulation can run them in-process.
   `s = lrea_logit + w · retrieval_score` → top-M.
 - `Ranker`: a CTR model (CDNet, DLF, or AdaF2M2's main path) over the candidates → top-K
   with probabilities.
+
+`Retriever.retrieve_many` and `Ranker.rank_many` serve several requests with one forward
+pass (the Serve stages feed them through `@serve.batch`); `retrieve` / `rank` are the
+one-request case.
 """
 
 from __future__ import annotations
@@ -35,26 +39,38 @@ class Retriever:
         self.model, self.index, self.store, self.popular_n = model.eval(), index, store, popular_n
 
     @torch.inference_mode()
-    def user_vector(self, user_key: int, hist: np.ndarray) -> np.ndarray:
+    def user_vectors(self, user_keys: list[int], hists: list[np.ndarray]) -> np.ndarray:
+        """(B, d) user vectors of B requests in one forward pass."""
         if hasattr(self.model, "encode_item_table"):  # two-tower: the user tower reads a full row
-            row = self.store.ranking_batch(user_key, hist, np.zeros(1, dtype=np.int64), ts=0,
-                                           seq_len=self.model.spec.seq_len)
-            return self.model.encode_users(row).numpy()
-        keys, n = self.store.padded(hist, self.model.max_history)
+            rows = [self.store.ranking_batch(u, h, np.zeros(1, dtype=np.int64), ts=0, seq_len=self.model.spec.seq_len)
+                    for u, h in zip(user_keys, hists, strict=True)]
+            return self.model.encode_users({k: torch.cat([r[k] for r in rows]) for k in rows[0]}).numpy()
+        padded = [self.store.padded(h, self.model.max_history) for h in hists]
+        keys = torch.cat([p[0] for p in padded])
+        n = torch.cat([p[1] for p in padded])
         return self.model.encode_users(keys, n).numpy()
 
-    def retrieve(self, user_key: int, hist: np.ndarray, n: int) -> Scored:
-        if len(hist) or hasattr(self.model, "encode_item_table"):
-            scores, keys = self.index.search(self.user_vector(user_key, hist), n)
-            scores, keys = scores[0], keys[0]
+    def retrieve_many(self, user_keys: list[int], hists: list[np.ndarray], n: int) -> list[Scored]:
+        two_tower = hasattr(self.model, "encode_item_table")
+        use = [i for i, h in enumerate(hists) if len(h) or two_tower]  # no history, no vector: popular only
+        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if use:
+            scores, keys = self.index.search(self.user_vectors([user_keys[i] for i in use], [hists[i] for i in use]), n)
+            found = {i: (scores[j], keys[j]) for j, i in enumerate(use)}
+        pop = self.store.popular[: self.popular_n]
+        out = []
+        for i in range(len(hists)):
+            scores, keys = found.get(i, (np.zeros(0, np.float32), np.zeros(0, np.int64)))
             ok = keys > 0
             scores, keys = scores[ok], keys[ok]
-        else:
-            scores, keys = np.zeros(0, np.float32), np.zeros(0, np.int64)
-        pop = self.store.popular[: self.popular_n]
-        extra = pop[~np.isin(pop, keys)]
-        floor = float(scores.min()) if len(scores) else 0.0
-        return Scored(np.concatenate([keys, extra]), np.concatenate([scores, np.full(len(extra), floor, np.float32)]))
+            extra = pop[~np.isin(pop, keys)]
+            floor = float(scores.min()) if len(scores) else 0.0
+            out.append(Scored(np.concatenate([keys, extra]),
+                              np.concatenate([scores, np.full(len(extra), floor, np.float32)])))
+        return out
+
+    def retrieve(self, user_key: int, hist: np.ndarray, n: int) -> Scored:
+        return self.retrieve_many([user_key], [hist], n)[0]
 
 
 class Preranker:
@@ -93,10 +109,22 @@ class Ranker:
         self.model, self.store = model.eval(), store
 
     @torch.inference_mode()
+    def rank_many(self, reqs: list[tuple[int, np.ndarray, np.ndarray, int, int]]) -> list[Scored]:
+        """(user key, history, candidate keys, k, ts) per request → top-k of each, one forward pass."""
+        sizes = [len(r[2]) for r in reqs]
+        rows = [self.store.ranking_batch(u, h, np.asarray(keys, dtype=np.int64), ts, seq_len=self.model.spec.seq_len)
+                for u, h, keys, _, ts in reqs if len(keys)]
+        p = np.zeros(0, np.float32)
+        if rows:
+            batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+            p = torch.sigmoid(self.model(batch).logits.float()).numpy()
+        out, start = [], 0
+        for (_, _, keys, k, _), c in zip(reqs, sizes, strict=True):
+            pi = p[start:start + c]
+            start += c
+            top = np.argsort(-pi, kind="stable")[:k]
+            out.append(Scored(np.asarray(keys, dtype=np.int64)[top], pi[top]))
+        return out
+
     def rank(self, user_key: int, hist: np.ndarray, keys: np.ndarray, k: int, ts: int) -> Scored:
-        if not len(keys):
-            return Scored(np.zeros(0, np.int64), np.zeros(0, np.float32))
-        rows = self.store.ranking_batch(user_key, hist, keys, ts, seq_len=self.model.spec.seq_len)
-        p = torch.sigmoid(self.model(rows).logits.float()).numpy()
-        top = np.argsort(-p, kind="stable")[:k]
-        return Scored(np.asarray(keys)[top], p[top])
+        return self.rank_many([(user_key, hist, keys, k, ts)])[0]

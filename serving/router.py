@@ -6,13 +6,20 @@
 - Event log: every exposure (one row per shown item, with its position) and every click,
   in the canonical events format of the ingest (`user_id, item_id, ts, event, request_id,
   position`) plus `arm` — the ingest reads served traffic back as new training logs.
+- Recent clicks: the clicks fed back since the log ended, per user, so the next request's
+  history ends with them (training histories are every click strictly before the example's
+  time; a served history frozen at the end of the log would be stale by hours or days).
+  In-process and bounded (LRU over users): one per ingress replica — with several ingress
+  replicas, put a shared store (Redis, a feature store) behind the same two methods.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +75,32 @@ class EventLog:
         path = self.folder / f"events-{uuid.uuid4().hex[:12]}.parquet"
         pd.DataFrame(rows, columns=EVENT_COLUMNS).to_parquet(path, index=False)
         return path
+
+
+class RecentClicks:
+    """Per-user clicks since the log ended, time-ordered; `before(user, ts)` = those strictly before ts."""
+
+    def __init__(self, max_users: int = 100_000, per_user: int = 200):
+        self.max_users, self.per_user = max_users, per_user
+        self._clicks: OrderedDict[str, list[tuple[int, str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, user_id: str, item_id: str, ts: int) -> None:
+        with self._lock:
+            clicks = self._clicks.setdefault(user_id, [])
+            bisect.insort(clicks, (int(ts), item_id))
+            del clicks[: -self.per_user]
+            self._clicks.move_to_end(user_id)
+            if len(self._clicks) > self.max_users:
+                self._clicks.popitem(last=False)
+
+    def before(self, user_id: str, ts: int) -> list[str] | None:
+        with self._lock:
+            clicks = self._clicks.get(user_id)
+            if not clicks:
+                return None
+            n = bisect.bisect_left(clicks, (int(ts), ""))
+            return [item for _, item in clicks[:n]] or None
 
 
 def read_events(folder: str | Path) -> pd.DataFrame:

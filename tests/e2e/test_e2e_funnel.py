@@ -129,6 +129,30 @@ def test_endpoints_compose_and_route(served, tiny_processed):
     assert len(ev[ev["event"] == "impression"]) == 80 * 5
 
 
+def test_fed_back_clicks_extend_the_served_history(served, tiny_processed):
+    """A click sent to /feedback is part of the user's history for requests after it (not before)."""
+    url, _ = served
+    import pandas as pd
+
+    items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()
+    user, t_click = "u-fresh-feedback", 1_702_000_000
+
+    def scores(ts: int) -> dict[str, float]:
+        r = requests.post(f"{url}/rank", json={"user_id": user, "candidates": items[:30], "k": 30, "ts": ts}, timeout=60)
+        assert r.status_code == 200, r.text
+        return dict(zip(r.json()["items"], r.json()["scores"], strict=True))
+
+    before = scores(t_click + 60)
+    for it in items[30:36]:
+        requests.post(f"{url}/feedback", json={"user_id": user, "request_id": "r-fb", "item_id": it, "position": 0,
+                                               "arm": "treatment", "ts": t_click}, timeout=60).raise_for_status()
+    after = scores(t_click + 60)
+    assert max(abs(after[i] - before[i]) for i in before) > 1e-3  # the ranker now reads six clicks, not none
+    # a request at the click's own time does not see them (strictly before); only the item ages differ by 60 s
+    assert scores(t_click) == pytest.approx(before, rel=1e-4)
+    requests.post(f"{url}/flush", timeout=60).raise_for_status()
+
+
 def _bad_requests(users, items):
     u = users[0]
     big = ["x"] * 5000

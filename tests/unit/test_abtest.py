@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from serving.abtest import analyse, report_markdown
-from serving.router import ArmRouter, EventLog, bucket, read_events
+from serving.router import ArmRouter, EventLog, RecentClicks, bucket, read_events
 
 
 def test_buckets_are_sticky_and_arms_get_their_shares():
@@ -75,3 +75,34 @@ def test_event_log_is_in_the_canonical_format(tmp_path):
     ev = read_events(tmp_path)
     assert list(ev.columns) == ["user_id", "item_id", "ts", "event", "request_id", "position", "arm"]
     assert ev["event"].tolist() == ["impression", "impression", "click"] and ev["position"].tolist() == [0, 1, 1]
+
+
+def test_recent_clicks_are_time_ordered_strictly_before_and_bounded():
+    rc = RecentClicks(max_users=2, per_user=3)
+    assert rc.before("u1", 100) is None
+    for ts, item in ((30, "c"), (10, "a"), (20, "b"), (40, "d")):  # out of order, as feedback may arrive
+        rc.add("u1", item, ts)
+    assert rc.before("u1", 40) == ["b", "c"]  # strictly before 40; "a" fell off (3 per user)
+    assert rc.before("u1", 41) == ["b", "c", "d"]
+    assert rc.before("u1", 20) is None
+    rc.add("u2", "x", 1)
+    rc.add("u3", "y", 1)  # LRU over users: u1 is the oldest
+    assert rc.before("u1", 100) is None and rc.before("u3", 2) == ["y"]
+
+
+def test_ab_schedule_is_sessions_inside_the_ab_horizon():
+    from configs import WorldConfig
+    from jobs.abtest import schedule
+    from pipeline.world import get_world
+
+    world = get_world(WorldConfig())
+    rng = np.random.default_rng(0)
+    gaps = []
+    for n in (1, 2, 4, 9):
+        t = schedule(world, n, rng)
+        assert len(t) == n and np.all(np.diff(t) >= 0)
+        assert t.min() >= world.log_end_ts and t.max() < world.ab_end_ts
+        gaps += np.diff(t).tolist()
+    gaps = np.array(gaps)
+    assert (gaps < 3600).mean() > 0.4  # most follow-ups are in-session (seconds to minutes apart)
+    assert gaps.max() > 3600  # and users come back in later sessions

@@ -1,0 +1,68 @@
+"""The funnel's stages (serving/funnel.py) on the tiny world's real ingest output, no Ray:
+a batch of requests gives exactly what the requests give one by one (what `@serve.batch`
+relies on), and a history extended by fed-back clicks changes the scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_model
+from serving.features import FeatureStore
+from serving.funnel import Ranker, Retriever
+from serving.index import IndexParams, ItemIndex
+from training.retrieval import Catalogue, item_vectors
+from training.tasks import RetrievalTask
+
+
+@pytest.fixture(scope="module")
+def store(tiny_processed):
+    return FeatureStore(tiny_processed)
+
+
+def _requests(store, n=5):
+    users = [int(u) for u in np.nonzero(store.n_clicks > 0)[0][:n - 1]] + [0]  # + an unknown user (cold start)
+    return users, [store.user_history(u) for u in users]
+
+
+def test_rank_many_equals_rank_one_by_one(store):
+    torch.manual_seed(0)
+    ranker = Ranker(build_model("cdnet", store.spec, tiny=True), store)
+    users, hists = _requests(store)
+    rng = np.random.default_rng(0)
+    cands = [rng.choice(np.arange(1, 200), size=c, replace=False) for c in (30, 1, 50, 7, 20)]
+    reqs = [(u, h, c, 5, 1_702_000_000 + i) for i, (u, h, c) in enumerate(zip(users, hists, cands, strict=True))]
+    many = ranker.rank_many(reqs)
+    for r, got in zip(reqs, many, strict=True):
+        one = ranker.rank(*r)
+        np.testing.assert_array_equal(got.keys, one.keys)
+        np.testing.assert_allclose(got.scores, one.scores, rtol=1e-5, atol=1e-6)
+        assert len(got.keys) == min(5, len(r[2]))
+
+
+def test_retrieve_many_equals_retrieve_one_by_one(tiny_processed, store):
+    torch.manual_seed(0)
+    model = RetrievalTask(tiny_processed, seq_len=20).build("karma", tiny=True).eval()
+    vecs = item_vectors(model, Catalogue.from_dir(tiny_processed)).numpy()
+    index = ItemIndex(vecs.shape[1], IndexParams("Flat")).build(np.arange(1, len(vecs) + 1), vecs)
+    retr = Retriever(model, index, store, popular_n=10)
+    users, hists = _requests(store)
+    many = retr.retrieve_many(users, hists, 25)
+    for u, h, got in zip(users, hists, many, strict=True):
+        one = retr.retrieve(u, h, 25)
+        np.testing.assert_array_equal(got.keys, one.keys)
+        np.testing.assert_allclose(got.scores, one.scores, rtol=1e-4, atol=1e-5)
+    assert set(many[-1].keys) == set(store.popular[:10])  # no history: the popularity channel only
+
+
+def test_fed_back_clicks_extend_the_history(store):
+    u = int(np.nonzero(store.n_clicks > 3)[0][0])
+    logged = store.user_history(u)
+    recent = np.array([5, 6, 7])
+    both = store.user_history(u, recent=recent)
+    np.testing.assert_array_equal(both[-3:], recent)
+    np.testing.assert_array_equal(both[:-3], logged[-(store.seq_len - 3):] if len(logged) + 3 > store.seq_len
+                                  else logged)
+    np.testing.assert_array_equal(store.user_history(0, recent=recent), recent)  # a new user: clicks only
+    np.testing.assert_array_equal(store.user_history(u, override=np.array([9]), recent=recent), [9])  # request wins
