@@ -6,7 +6,8 @@ Policy (DESIGN.md): a trained model became `challenger` through the offline gate
 moves to `champion` only when the simulated A/B's lift is positive with its 95% CI above
 zero and no sample-ratio mismatch. Every model of the treatment funnel (retriever,
 pre-ranker, ranker) moves together; each version records the evidence (A/B run, lift, CI,
-previous champion) as tags, promoted or not.
+previous champion) as tags, promoted or not. The versions promoted are the ones the A/B
+served (its `treatment_versions`), even if `challenger` has moved since.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
     moves = {}
     for model in (cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker):
         name = registered_name(model)
+        tested = str(ab.get("treatment_versions", {}).get(name, "?"))
         try:
-            ch = client.get_model_version_by_alias(name, "challenger")
+            ch = (client.get_model_version(name, tested) if tested.isdigit()
+                  else client.get_model_version_by_alias(name, "challenger"))
         except MlflowException:
             moves[name] = {"promoted": False, "reason": "no challenger"}
             continue

@@ -86,6 +86,31 @@ def test_gate_promotes_only_better_models(cfg, data_dir):
     assert [m.step for m in client.get_metric_history(r3, "val_auc")] == [0, 1]
 
 
+def test_promotion_moves_champion_to_the_versions_the_ab_served(cfg, data_dir):
+    """A significant lift promotes what the A/B tested, even if `challenger` moved since; none moves otherwise."""
+    import mlflow
+
+    from jobs.promote import promote
+    from training.registry import registered_name
+
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, retriever="dcnv2", preranker="dcnv2",
+                                                             ranker="dcnv2"))
+    v1 = register_with_gate("dcnv2", _run(cfg, data_dir, 0.70)[0])["version"]
+    v2 = register_with_gate("dcnv2", _run(cfg, data_dir, 0.75, seed=1)[0])["version"]  # challenger moved on
+    client = mlflow.MlflowClient()  # after the runs: they set the tracking URI
+    name = registered_name("dcnv2")
+    ab = {"run_id": "r-ab", "significant_positive": False, "lift": {"relative": 0.01, "ci_low": -0.02, "ci_high": 0.04},
+          "srm": {"mismatch": False}, "treatment_versions": {name: str(v1)}}
+    out = promote(cfg, ab)
+    assert not out["promoted"] and "champion" not in client.get_registered_model(name).aliases
+    assert client.get_model_version(name, str(v1)).tags["promotion.promoted"] == "False"
+    out = promote(cfg, ab | {"significant_positive": True, "lift": {"relative": 0.1, "ci_low": 0.03, "ci_high": 0.17}})
+    assert out["promoted"] and int(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == v2
+    tags = client.get_model_version(name, str(v1)).tags
+    assert tags["promotion.abtest_run_id"] == "r-ab" and tags["promotion.lift"] == "+0.1000"
+
+
 def test_gate_refuses_to_compare_across_datasets(cfg, data_dir, tmp_path):
     import json
 
