@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from configs import ABTestConfig, ServeConfig
+
 MAX_HISTORY = 1000
 MAX_CANDIDATES = 2000
 MAX_BODY_BYTES = 256 * 1024
@@ -89,27 +91,16 @@ class Recommendation(Items):
 
 
 class FunnelArgs(BaseModel):
-    """Typed arguments of the app builder (also the `args:` of serving/config.yaml)."""
+    """Typed arguments of the app builder (also the `args:` of serving/config.yaml): where the
+    processed data and the registry are, and the config's own `serve` and `abtest` sections
+    (configs/schema.py: one definition of every serving knob; a misspelt key is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     data_dir: str
     tracking_uri: str = "sqlite:///runs/mlflow.db"
-    retriever: str = "karma"
-    preranker: str = "lrea"
-    ranker: str = "cdnet"
-    arms: dict[str, int] = {"control": 50, "treatment": 50}
-    variants: dict[str, str] = {"control": "popularity", "treatment": "funnel@challenger"}
-    salt: str = "funnel-ab"
-    index_factory: str = "Flat"
-    top_n: int = 500
-    top_m: int = 100
-    top_k: int = 10
-    popular_n: int = 100
-    retrieval_weight: float = 0.0
-    replica_cpus: float = 0.25
-    max_batch_size: int = 16  # @serve.batch of the retriever and the ranker; 1 = no batching
-    batch_wait_ms: float = 2.0
-    reload_s: float = 30.0
-    event_log: str = "runs/served_events"
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    abtest: ABTestConfig = Field(default_factory=ABTestConfig)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -183,7 +174,7 @@ class _Registered:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self.args.reload_s)
+            await asyncio.sleep(self.args.serve.reload_s)
             try:
                 if self._resolve() != self.version:
                     await asyncio.get_running_loop().run_in_executor(None, self._load)
@@ -191,7 +182,7 @@ class _Registered:
                 print(f"[serve] {self.name}@{self.alias}: reload check failed: {e}", flush=True)
 
     def ensure_watch(self) -> None:
-        if self._task is None and self.args.reload_s > 0:
+        if self._task is None and self.args.serve.reload_s > 0:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
     def check_reload(self) -> bool:
@@ -203,8 +194,9 @@ class _Registered:
 
 
 def _batching(method, args: FunnelArgs) -> None:
-    method.set_max_batch_size(max(1, args.max_batch_size))
-    method.set_batch_wait_timeout_s(args.batch_wait_ms / 1000.0 if args.max_batch_size > 1 else 0.0)
+    s = args.serve
+    method.set_max_batch_size(max(1, s.max_batch_size))
+    method.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0 if s.max_batch_size > 1 else 0.0)
 
 
 def _store(args: FunnelArgs):
@@ -217,7 +209,7 @@ def _store(args: FunnelArgs):
 class RetrieverStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str):
         self.store = _store(args)
-        super().__init__(args, args.retriever, alias)
+        super().__init__(args, args.serve.retriever, alias)
         _batching(self._retrieve_batch, args)
 
     def build(self, model) -> None:
@@ -226,8 +218,8 @@ class RetrieverStage(_Registered):
 
         index = load_logged_index(self.run_id, self.pending_version)  # the index logged with this version
         if index is None:
-            index = build_index(model, self.args.data_dir, self.args.index_factory)
-        self.stage = Retriever(model, index, self.store, self.args.popular_n)
+            index = build_index(model, self.args.data_dir, self.args.serve.index_factory)
+        self.stage = Retriever(model, index, self.store, self.args.serve.popular_n)
 
     async def retrieve(self, user_id: str, history: list[str] | None, n: int,
                        recent: list[str] | None = None) -> Items:
@@ -253,12 +245,12 @@ class RetrieverStage(_Registered):
 class PrerankerStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str):
         self.store = _store(args)
-        super().__init__(args, args.preranker, alias)
+        super().__init__(args, args.serve.preranker, alias)
 
     def build(self, model) -> None:
         from serving.funnel import Preranker
 
-        self.stage = Preranker(model, self.store, self.args.retrieval_weight)
+        self.stage = Preranker(model, self.store, self.args.serve.retrieval_weight)
 
     async def prerank(self, user_id: str, history: list[str] | None, candidates: list[str],
                       scores: list[float] | None, m: int, ts: int, recent: list[str] | None = None) -> Items:
@@ -278,7 +270,7 @@ class PrerankerStage(_Registered):
 class RankerStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str):
         self.store = _store(args)
-        super().__init__(args, args.ranker, alias)
+        super().__init__(args, args.serve.ranker, alias)
         _batching(self._rank_batch, args)
 
     def build(self, model) -> None:
@@ -329,17 +321,17 @@ class Funnel:
         from serving.router import ArmRouter, EventLog, RecentClicks
 
         self.args = args
-        self.router = ArmRouter(args.arms, args.salt)
+        self.router = ArmRouter(args.abtest.arms, args.abtest.salt)
         self.retrievers, self.prerankers, self.rankers = retrievers, prerankers, rankers
         self.default = next(iter(rankers))
-        self.log = EventLog(args.event_log)
+        self.log = EventLog(args.serve.event_log)
         self.recent = RecentClicks()  # /feedback clicks: the fresh end of each user's history
         store = FeatureStore(args.data_dir)
         self.popular = store.item_ids(store.popular[:100])  # the popularity arm's slate
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return {"ok": True, "arms": self.args.arms, "variants": self.args.variants}
+        return {"ok": True, "arms": self.args.abtest.arms, "variants": self.args.abtest.variants}
 
     def _recent(self, req, ts: int) -> list[str] | None:
         """Clicks fed back before `ts`, unless the request sends its own history."""
@@ -363,10 +355,10 @@ class Funnel:
                                                              ts, self._recent(req, ts))
 
     async def _funnel(self, alias: str, req: RecommendRequest, ts: int) -> tuple[Items, dict[str, str]]:
-        a, recent = self.args, self._recent(req, ts)
-        got = await self.retrievers[alias].retrieve.remote(req.user_id, req.history, a.top_n, recent)
+        a, recent = self.args.serve, self._recent(req, ts)
+        got = await self.retrievers[alias].retrieve.remote(req.user_id, req.history, a.retrieve_top_n, recent)
         pre = await self.prerankers[alias].prerank.remote(req.user_id, req.history, got.items, got.scores,
-                                                           a.top_m, ts, recent)
+                                                           a.prerank_top_m, ts, recent)
         out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts, recent)
         return out, {"retriever": got.model_version, "preranker": pre.model_version, "ranker": out.model_version}
 
@@ -374,7 +366,7 @@ class Funnel:
     async def recommend(self, req: RecommendRequest) -> Recommendation:
         ts = _ts(req.ts)
         arm = self.router.arm(req.user_id)
-        variant = self.args.variants.get(arm, "popularity")
+        variant = self.args.abtest.variants.get(arm, "popularity")
         rid = uuid.uuid4().hex
         if variant == "popularity":
             items, scores, stages = self.popular[: req.k], list(np.linspace(1, 0.5, req.k)), {}
@@ -401,19 +393,21 @@ def build_app(args: FunnelArgs) -> serve.Application:
     """The typed app builder (`serve run serving/config.yaml` validates its `args:` as
     FunnelArgs): one stage deployment per alias the arms use, and the ingress. Relative
     paths are resolved here, where the command runs, not in the replicas."""
+    import dataclasses
     from pathlib import Path
 
     from training.registry import resolve_tracking_uri
 
     args = args if isinstance(args, FunnelArgs) else FunnelArgs(**args)
-    args = args.model_copy(update={"data_dir": str(Path(args.data_dir).resolve()),
-                                   "tracking_uri": resolve_tracking_uri(args.tracking_uri),
-                                   "event_log": str(Path(args.event_log).resolve())})
-    aliases = sorted({v.split("@", 1)[1] for v in args.variants.values() if v.startswith("funnel@")}) or ["champion"]
-    bad = [v for v in args.variants.values() if v != "popularity" and not v.startswith("funnel@")]
-    if bad or set(args.variants) != set(args.arms):
-        raise ValueError(f"variants must name every arm as 'popularity' or 'funnel@<alias>': {args.variants}")
-    opts = {"ray_actor_options": {"num_cpus": args.replica_cpus}}
+    args = args.model_copy(update={
+        "data_dir": str(Path(args.data_dir).resolve()), "tracking_uri": resolve_tracking_uri(args.tracking_uri),
+        "serve": dataclasses.replace(args.serve, event_log=str(Path(args.serve.event_log).resolve()))})
+    variants, arms = args.abtest.variants, args.abtest.arms
+    aliases = sorted({v.split("@", 1)[1] for v in variants.values() if v.startswith("funnel@")}) or ["champion"]
+    bad = [v for v in variants.values() if v != "popularity" and not v.startswith("funnel@")]
+    if bad or set(variants) != set(arms):
+        raise ValueError(f"abtest.variants must name every arm as 'popularity' or 'funnel@<alias>': {variants}")
+    opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus}}
     stages = {kind: {a: cls.options(name=f"{cls.name}-{a}", **opts).bind(args, a) for a in aliases}
               for kind, cls in (("r", RetrieverStage), ("p", PrerankerStage), ("k", RankerStage))}
     return Funnel.options(**opts).bind(args, stages["r"], stages["p"], stages["k"])
@@ -428,11 +422,5 @@ def args_from_config(cfg, data_dir: str | None = None) -> FunnelArgs:
     setup_tracking(cfg.tracking)  # resolves a relative SQLite path the way training wrote it
     import mlflow
 
-    s, ab = cfg.serve, cfg.abtest
     return FunnelArgs(data_dir=str(Path(data_dir or cfg.data.output).resolve()), tracking_uri=mlflow.get_tracking_uri(),
-                      retriever=s.retriever, preranker=s.preranker, ranker=s.ranker, arms=ab.arms,
-                      variants=ab.variants, salt=ab.salt, index_factory=s.index_factory, top_n=s.retrieve_top_n,
-                      top_m=s.prerank_top_m, top_k=s.rank_top_k, popular_n=s.popular_n,
-                      retrieval_weight=s.retrieval_weight, replica_cpus=s.replica_cpus, reload_s=s.reload_s,
-                      max_batch_size=s.max_batch_size, batch_wait_ms=s.batch_wait_ms,
-                      event_log=str(Path(s.event_log).resolve()))
+                      serve=cfg.serve, abtest=cfg.abtest)

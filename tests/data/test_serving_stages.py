@@ -66,3 +66,22 @@ def test_fed_back_clicks_extend_the_history(store):
                                   else logged)
     np.testing.assert_array_equal(store.user_history(0, recent=recent), recent)  # a new user: clicks only
     np.testing.assert_array_equal(store.user_history(u, override=np.array([9]), recent=recent), [9])  # request wins
+
+
+def test_serve_config_file_args_are_the_typed_builder_args():
+    """`serve run serving/config.yaml` validates `args:` as FunnelArgs; a misspelt knob is an error naming it."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    from serving.app import FunnelArgs
+
+    root = Path(__file__).resolve().parents[2]
+    args = yaml.safe_load((root / "serving" / "config.yaml").read_text())["applications"][0]["args"]
+    a = FunnelArgs(**args)
+    assert a.serve.ranker == "cdnet" and a.abtest.variants["treatment"] == "funnel@champion"
+    with pytest.raises(ValidationError, match="serve.retrieve_topn"):
+        FunnelArgs(**{**args, "serve": {**args["serve"], "retrieve_topn": 5}})
+    with pytest.raises(ValidationError, match="abtest.arms"):
+        FunnelArgs(**{**args, "abtest": {"arms": "half"}})
