@@ -1,13 +1,16 @@
 """Load test of the served funnel: p50/p99 latency and errors at rising QPS, open loop.
 
   python -m benchmarks.serve_load --config configs/small.yaml [--url URL] [--duration 60]
+                                  [--batch-sizes 16,1]
 
 Needs registered models (run `make demo` first). Without --url the funnel is deployed
 on 127.0.0.1 (Ray Serve, the config's replica CPUs). For /rank (100 candidates) and
 /recommend (the whole funnel), requests are sent at a fixed rate — open loop: a slow
 server does not slow the sender, so queueing shows up in the latency — for `--duration`
-seconds per level; levels double until p99 passes 100 ms or a request fails. Prints a
-table and the highest QPS with p99 < 100 ms and no errors; writes JSON.
+seconds per level; levels double until p99 passes 100 ms or a request fails. With
+--batch-sizes the funnel is redeployed once per `serve.max_batch_size` (`@serve.batch` of
+the retriever and ranker; 1 = off) and the levels repeat, side by side in one run. Prints
+a table and the highest QPS with p99 < 100 ms and no errors; writes JSON.
 """
 
 from __future__ import annotations
@@ -72,15 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--start-qps", type=float, default=5.0)
     p.add_argument("--max-qps", type=float, default=640.0)
+    p.add_argument("--batch-sizes", default="", help="comma-separated serve.max_batch_size values to compare")
     p.add_argument("--out", default="benchmarks/out/serve_load.json")
     a = p.parse_args(argv)
     cfg = load_config(a.config)
-    url = a.url
-    if not url:
-        from jobs.abtest import deploy
-
-        init_ray()
-        url = deploy(cfg)
+    sizes = [int(x) for x in a.batch_sizes.split(",") if x] or [cfg.serve.max_batch_size]
+    if a.url and len(sizes) > 1:
+        p.error("--batch-sizes redeploys the funnel: not with --url")
     root = Path(cfg.data.output)
     users = pd.read_parquet(root / "users.parquet")["user_id"].astype(str).to_numpy()
     items = pd.read_parquet(root / "items.parquet")["item_id"].astype(str).to_numpy()
@@ -90,21 +91,33 @@ def main(argv: list[str] | None = None) -> int:
             for u in rng.choice(users, 500)]
     rec = [{"user_id": str(u), "k": 10, "ts": ts} for u in rng.choice(users, 500)]
     rows = []
-    print(f"{'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}", flush=True)
-    best = {}
-    for path, bodies in (("/rank", rank), ("/recommend", rec)):
-        qps = a.start_qps
-        while qps <= a.max_qps:
-            r = asyncio.run(_level(url, path, bodies, qps, a.duration))
-            rows.append(r)
-            print(f"{path:<11} {qps:>7.0f} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-                  f"{r['errors']:>7}", flush=True)
-            if r["p99_ms"] >= SLO_MS or r["errors"]:
-                break
-            best[path] = qps
-            qps *= 2
-    for path in ("/rank", "/recommend"):
-        print(f"highest QPS with p99 < {SLO_MS:.0f} ms and no errors, {path}: {best.get(path, 'none tested')}")
+    print(f"{'batch':>5} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
+          flush=True)
+    best: dict[str, float] = {}
+    for size in sizes:
+        url = a.url
+        if not url:
+            import dataclasses
+
+            from jobs.abtest import deploy
+
+            init_ray()
+            url = deploy(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, max_batch_size=size)))
+        for path, bodies in (("/rank", rank), ("/recommend", rec)):
+            qps = a.start_qps
+            while qps <= a.max_qps:
+                r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"max_batch_size": size}
+                rows.append(r)
+                print(f"{size:>5} {path:<11} {qps:>7g} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
+                      f"{r['p99_ms']:>8.1f} {r['errors']:>7}", flush=True)
+                if r["p99_ms"] >= SLO_MS or r["errors"]:
+                    break
+                best[f"{path} batch={size}"] = qps
+                qps *= 2
+    for size in sizes:
+        for path in ("/rank", "/recommend"):
+            print(f"highest QPS with p99 < {SLO_MS:.0f} ms and no errors, {path}, max_batch_size={size}: "
+                  f"{best.get(f'{path} batch={size}', 'none tested')}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"levels": rows, "best_qps": best, "slo_ms": SLO_MS}, indent=1))
     return 0
