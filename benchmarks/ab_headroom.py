@@ -1,7 +1,7 @@
 """How much CTR can the funnel win? An offline replay of the A/B, scored by the world itself.
 
   python -m benchmarks.ab_headroom --config configs/small.yaml [--users 600] [--alias challenger]
-                                   [--ranker-uri models:/funnel-cdnet/3] [--set serve.popular_n=300]
+                                   [--ranker-uri models:/funnel-cdnet/3] [--set serve.popular_n=300] [--catalogue]
 
 The same simulated users and request times as `jobs.abtest` (sessions like the logs', the
 clicks of each slate fed back into the next request's history), but in one process through
@@ -12,7 +12,7 @@ comparison is paired. Per slate the mean *true* click probability over positions
 
 - popularity: the control arm (the log's most clicked items);
 - funnel: retrieval → pre-ranking → ranking, exactly as served;
-- ranker over the catalogue: the ranker's top k of every known item (no retrieval);
+- ranker over the catalogue (with --catalogue): the ranker's top k of every known item;
 - oracle: the world's own top k for that user and time.
 
 The funnel's own clicks (sampled from the world) extend its history; the other slates read
@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.common import config_parser, load
 
     p = config_parser(__doc__)
-    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--users", type=int, default=600)
     p.add_argument("--alias", default="challenger")
     p.add_argument("--ranker-uri", help="rank with this model instead of the alias's (e.g. a run's model)")
-    p.add_argument("--no-catalogue", action="store_true", help="skip the ranker-over-the-catalogue slate")
+    p.add_argument("--catalogue", action="store_true",
+                   help="also score the ranker over the whole catalogue (slow: every item, every request)")
     p.add_argument("--out", default="benchmarks/out/ab_headroom.json")
     a = p.parse_args(argv)
     from jobs.abtest import schedule
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(cfg.abtest.seed)
     pos = np.arange(k)
     names = ["popularity", "funnel", "ranker over the catalogue", "oracle (world's top k)"]
-    if a.no_catalogue:
+    if not a.catalogue:
         names.remove("ranker over the catalogue")
     per_user = {n: [] for n in names}
     t0 = time.time()
