@@ -36,7 +36,7 @@ def _stage_models(cfg, alias: str, ranker_uri: str | None):
     import mlflow
 
     from serving.funnel import Preranker, Ranker, Retriever
-    from serving.index_build import build_index, load_logged_index
+    from serving.index_build import index_for_version
     from training.registry import load_model, registered_name
 
     client = mlflow.MlflowClient()
@@ -50,7 +50,7 @@ def _stage_models(cfg, alias: str, ranker_uri: str | None):
 
     store = FeatureStore(cfg.data.output)
     retr, mv = out["retriever"]
-    index = load_logged_index(mv.run_id, mv.version) or build_index(retr, cfg.data.output, cfg.serve.index_factory)
+    index = index_for_version(retr, mv.run_id, mv.version, cfg.data.output, cfg.serve.index_factory)
     return (store, Retriever(retr, index, store, cfg.serve.popular_n),
             Preranker(out["preranker"][0], store, cfg.serve.retrieval_weight), Ranker(out["ranker"][0], store))
 

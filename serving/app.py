@@ -214,11 +214,10 @@ class RetrieverStage(_Registered):
 
     def build(self, model) -> None:
         from serving.funnel import Retriever
-        from serving.index_build import build_index, load_logged_index
+        from serving.index_build import index_for_version
 
-        index = load_logged_index(self.run_id, self.pending_version)  # the index logged with this version
-        if index is None:
-            index = build_index(model, self.args.data_dir, self.args.serve.index_factory)
+        index = index_for_version(model, self.run_id, self.pending_version, self.args.data_dir,
+                                  self.args.serve.index_factory)
         self.stage = Retriever(model, index, self.store, self.args.serve.popular_n)
 
     async def retrieve(self, user_id: str, history: list[str] | None, n: int,

@@ -59,3 +59,9 @@ def load_logged_index(run_id: str, version: str) -> ItemIndex | None:
         return None
     meta = json.loads((folder / "index.json").read_text())
     return ItemIndex.load(folder) if meta.get("model_version") == str(version) else None
+
+
+def index_for_version(model, run_id: str, version: str, data_dir: str | Path, factory: str) -> ItemIndex:
+    """The index logged with this model version, else one built now from the model's item embeddings."""
+    index = load_logged_index(run_id, version)
+    return index if index is not None else build_index(model, data_dir, factory)
