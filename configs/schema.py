@@ -118,6 +118,7 @@ class TrainConfig:
     retrieval_k: int = 50  # HR/NDCG/JS@K of retrieval models; early stopping on val HR@K
     new_user_max_clicks: int = 2  # AUC per state group: users with at most this many past clicks are "new"
     cold_item_max_clicks: int = 2  # items with at most this many past clicks are "cold"
+    parallel_models: int = 1  # jobs.e2e: the funnel's models fitted side by side (1 = one after another)
 
 
 @dataclass
@@ -147,6 +148,7 @@ class ServeConfig:
     max_batch_size: int = 16  # @serve.batch: concurrent requests per forward pass (retriever, ranker); 1 = off
     batch_wait_ms: float = 2.0  # how long a batch waits to fill
     event_log: str = "runs/served_events"
+    access_log: bool = False  # Serve's log line per request (costs ~N% of 2 cores under load)
 
 
 @dataclass

@@ -7,7 +7,7 @@ simulated users of the world (abtest.num_users, each abtest.requests_per_user re
 call /recommend. Their traffic follows the world's own traffic model, as in the logs:
 sessions start at random times of the A/B horizon and hold 1 + Poisson(requests per
 session) requests, Exp(60 s) + 5 s apart; a user's requests go out in time order. The
-world's click model decides the clicks, which go back through /feedback (so the next
+world's click model decides the clicks, which go back through /feedback, one call per slate (so the next
 request of the session sees them, as a served history does); the event log is then analysed
 (serving/abtest.py): CTR and clicks per request per arm, the lift with a 95% CI, a
 sample-ratio check. Report (markdown + PNG) and numbers logged to MLflow; one JSON line.
@@ -86,10 +86,11 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
         items = np.array([int(i) for i in rec["items"]])
         pos = np.arange(len(items))
         clicked = world.sample_clicks(np.full(len(items), int(user)), items, pos, np.full(len(items), ts), click_rng)
-        for p in pos[clicked]:
-            http.post(f"{url}/feedback", json={"user_id": user, "request_id": rec["request_id"],
-                                               "item_id": rec["items"][p], "position": int(p), "arm": rec["arm"],
-                                               "ts": ts}, timeout=120).raise_for_status()
+        if clicked.any():  # one call per slate with all its clicks
+            http.post(f"{url}/feedback", json={"user_id": user, "request_id": rec["request_id"], "arm": rec["arm"],
+                                               "ts": ts, "clicks": [{"item_id": rec["items"][p], "position": int(p)}
+                                                                    for p in pos[clicked]]},
+                      timeout=120).raise_for_status()
         return int(clicked.sum())
 
     def user_requests(job: tuple[str, np.ndarray, int]) -> int:

@@ -45,14 +45,57 @@ def _funnel_models(cfg: FunnelConfig) -> list[str]:
 
 
 def stage_train(cfg: FunnelConfig) -> dict:
+    """The funnel's three models, `train.parallel_models` at a time (each fit is one Ray Train
+    worker, which on CPU keeps about one core busy: on 2 cores, fitting them side by side
+    is what fills the machine)."""
     from jobs.train import train_and_register
 
-    out = {}
-    for m in _funnel_models(cfg):
-        print(f"[e2e] train {m}", flush=True)
-        out[m] = train_and_register(cfg, Path(cfg.data.output), m, None, tiny=_tiny(cfg))
+    models = _funnel_models(cfg)
+    lanes = min(cfg.train.parallel_models, len(models))
+    if lanes <= 1:
+        out = {}
+        for m in models:
+            print(f"[e2e] train {m}", flush=True)
+            out[m] = train_and_register(cfg, Path(cfg.data.output), m, None, tiny=_tiny(cfg))
+            print(f"[e2e]   {json.dumps(out[m])}", flush=True)
+        return out
+    import ray
+
+    cfg = parallel_fit_config(cfg, lanes, ray.cluster_resources().get("CPU", 1.0))
+    print(f"[e2e] train {', '.join(models)}: {lanes} at a time, {cfg.train.cpus_per_worker:.2f} CPU per worker",
+          flush=True)
+    fit_remote = ray.remote(num_cpus=0.01, max_retries=0)(train_and_register)
+    pending = {fit_remote.remote(cfg, Path(cfg.data.output), m, None, tiny=_tiny(cfg)): m for m in models[:lanes]}
+    queue, out = list(models[lanes:]), {}
+    while pending:
+        [done], _ = ray.wait(list(pending))
+        m = pending.pop(done)
+        out[m] = ray.get(done)  # a failed fit raises here, naming its model
         print(f"[e2e]   {json.dumps(out[m])}", flush=True)
-    return out
+        if queue:
+            nxt = queue.pop(0)
+            pending[fit_remote.remote(cfg, Path(cfg.data.output), nxt, None, tiny=_tiny(cfg))] = nxt
+    return {m: out[m] for m in models}
+
+
+def parallel_fit_config(cfg: FunnelConfig, lanes: int, cpus: float) -> FunnelConfig:
+    """The config the parallel fits run with: paths made absolute (the fits run in Ray
+    workers, whose working directory is not ours), the MLflow experiment created once here
+    (not raced by the fits), and each worker's CPU share lowered so that one whole CPU stays
+    free for the Ray Data tasks that feed them (without one, every fit waits forever)."""
+    import dataclasses
+
+    from training.loop import cpu_share
+    from training.registry import resolve_tracking_uri, setup_tracking
+
+    setup_tracking(cfg.tracking)
+    t, tr = cfg.train, cfg.tracking
+    art = tr.artifact_location if "://" in tr.artifact_location else str(Path(tr.artifact_location).resolve())
+    share = cpu_share(t.cpus_per_worker, lanes * t.num_workers, cpus)
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, output=str(Path(cfg.data.output).resolve())),
+        train=dataclasses.replace(t, cpus_per_worker=share, storage_path=str(Path(t.storage_path).resolve())),
+        tracking=dataclasses.replace(tr, uri=resolve_tracking_uri(tr.uri), artifact_location=art))
 
 
 def stage_tune(cfg: FunnelConfig) -> dict:
@@ -102,6 +145,10 @@ def _running_url(cfg: FunnelConfig) -> str | None:
     return f"http://{cfg.serve.host}:{cfg.serve.port}" if "funnel" in apps else None
 
 
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
 STAGES: dict[str, Callable[[FunnelConfig], dict]] = {
     "ingest": stage_ingest, "train": stage_train, "tune": stage_tune, "index": stage_index,
     "deploy": stage_deploy, "abtest": stage_abtest, "promote": stage_promote,
@@ -119,14 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     names = list(STAGES)
     todo = [args.only] if args.only else names[names.index(args.start):] if args.start else names
     init_ray()
+    times: dict[str, float] = {}
     for name in todo:
         marker = state_dir / f"{name}.json"
         if marker.exists() and not (args.only or args.start):
             print(f"[e2e] {name}: done earlier ({marker}); skipping (use --from {name} to redo)")
             continue
         print(f"[e2e] {name} ...", flush=True)
+        t0 = time.time()
         result = STAGES[name](cfg)
-        marker.write_text(json.dumps(result, indent=2) + "\n")
+        times[name] = time.time() - t0
+        marker.write_text(json.dumps({**result, "seconds": round(times[name], 1)}, indent=2) + "\n")
+    if times:
+        print("[e2e] stage times: " + " · ".join(f"{k} {_mmss(v)}" for k, v in times.items())
+              + f" · total {_mmss(sum(times.values()))}", flush=True)
     print(f"[e2e] finished: {', '.join(todo)}. Data: {cfg.data.output}/ · MLflow: {cfg.tracking.uri} "
           f"(mlflow ui --backend-store-uri {cfg.tracking.uri}) · A/B report: runs/abtest/last.md, last.png")
     return 0

@@ -20,9 +20,9 @@ import uuid
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from configs import ABTestConfig, ServeConfig
@@ -69,13 +69,31 @@ class RecommendRequest(_Strict):
     ts: int | None = Field(None, ge=0)
 
 
-class FeedbackRequest(_Strict):
-    user_id: Id
-    request_id: Id
+class Click(_Strict):
     item_id: Id
     position: int = Field(ge=0, le=100)
+
+
+class FeedbackRequest(_Strict):
+    """Clicks on one served slate: one (`item_id`, `position`) or several (`clicks`)."""
+
+    user_id: Id
+    request_id: Id
     arm: Id
     ts: int | None = Field(None, ge=0)
+    item_id: Id | None = None
+    position: int | None = Field(None, ge=0, le=100)
+    clicks: list[Click] | None = Field(None, min_length=1, max_length=100)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "FeedbackRequest":
+        single = (self.item_id is not None, self.position is not None)
+        if (self.clicks is None) != all(single) or (self.clicks is not None and any(single)):
+            raise ValueError("send one click as item_id + position, or several as clicks: [{item_id, position}, ...]")
+        return self
+
+    def all_clicks(self) -> list[Click]:
+        return self.clicks if self.clicks is not None else [Click(item_id=self.item_id, position=self.position)]
 
 
 class Items(BaseModel):
@@ -299,16 +317,25 @@ class RankerStage(_Registered):
 
 # --------------------------------------------------------------------------- ingress
 
+class BodyLimit:
+    """Oversized payloads are refused before they are read (413). A plain ASGI middleware:
+    Starlette's `@app.middleware("http")` runs every request through an extra task and stream."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length")
+            if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
+                await JSONResponse({"detail": f"payload larger than {self.max_bytes} bytes"}, status_code=413)(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 api = FastAPI(title="Funnel", description="retrieval → pre-ranking → ranking, with an A/B router")
-
-
-@api.middleware("http")
-async def limit_body(request: Request, call_next):
-    """Oversized payloads are refused before they are read (413)."""
-    size = request.headers.get("content-length")
-    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-        return JSONResponse({"detail": f"payload larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
-    return await call_next(request)
+api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 
 @serve.deployment
@@ -376,11 +403,13 @@ class Funnel:
         return Recommendation(items=items, scores=scores, request_id=rid, arm=arm, stages=stages)
 
     @api.post("/feedback")
-    def feedback(self, req: FeedbackRequest) -> dict[str, bool]:
+    async def feedback(self, req: FeedbackRequest) -> dict[str, int]:
         ts = _ts(req.ts)
-        self.log.click(req.user_id, req.item_id, ts, req.request_id, req.position, req.arm)
-        self.recent.add(req.user_id, req.item_id, ts)
-        return {"ok": True}
+        clicks = req.all_clicks()
+        for c in clicks:
+            self.log.click(req.user_id, c.item_id, ts, req.request_id, c.position, req.arm)
+            self.recent.add(req.user_id, c.item_id, ts)
+        return {"clicks": len(clicks)}
 
     @api.post("/flush")
     def flush(self) -> dict[str, str]:
@@ -406,7 +435,8 @@ def build_app(args: FunnelArgs) -> serve.Application:
     bad = [v for v in variants.values() if v != "popularity" and not v.startswith("funnel@")]
     if bad or set(variants) != set(arms):
         raise ValueError(f"abtest.variants must name every arm as 'popularity' or 'funnel@<alias>': {variants}")
-    opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus}}
+    opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus},
+            "logging_config": {"enable_access_log": args.serve.access_log}}
     stages = {kind: {a: cls.options(name=f"{cls.name}-{a}", **opts).bind(args, a) for a in aliases}
               for kind, cls in (("r", RetrieverStage), ("p", PrerankerStage), ("k", RankerStage))}
     return Funnel.options(**opts).bind(args, stages["r"], stages["p"], stages["k"])

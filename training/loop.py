@@ -105,6 +105,13 @@ def ckpt_marker(config: dict[str, Any]) -> Path:
     return Path(config["marker_dir"]) / "failed_once"
 
 
+def cpu_share(per_worker: float, workers: int, cpus: float) -> float:
+    """CPUs each of `workers` train workers running at once may ask for, at most `per_worker`:
+    one whole CPU stays free for the Ray Data tasks that feed them (each asks for a full CPU;
+    without one free, every fit waits forever — on 2 cores, two fits get 0.45 each)."""
+    return min(per_worker, max(0.05, round(0.9 * max(cpus - 1.0, 0.5) / max(workers, 1), 2)))
+
+
 def use_gpu(cfg: FunnelConfig) -> bool:
     if cfg.train.use_gpu == "auto":
         import ray

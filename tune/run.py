@@ -37,24 +37,24 @@ def _driver(trial: dict[str, Any]) -> None:
 
     from training.loop import fit
 
-    cfg: FunnelConfig = trial["cfg"]
-    # The driver holds 0.01 CPU; a whole-CPU train worker would leave no full CPU for the
-    # Ray Data tasks that feed it on a 2-core machine, and the trial would wait forever.
-    cpus = min(cfg.train.cpus_per_worker, 0.5)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=float(trial["lr"]), cpus_per_worker=cpus))
+    cfg: FunnelConfig = trial["cfg"]  # train.cpus_per_worker already shared out (run_tune)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=float(trial["lr"])))
     params = to_params(trial, trial.get("base_params"))
     fit(cfg, trial["data_dir"], trial["model"], params, name=f"trial-{trial['trial_tag']}",
         callbacks=[TuneReportCallback()], storage_path=trial["storage"])
 
 
-def max_concurrent(cfg: FunnelConfig) -> int:
-    """`tune.max_concurrent`, lowered so that one whole CPU stays free for the Ray Data tasks
-    that feed the trials' workers (each needs a full CPU; without one every trial waits)."""
+def trial_resources(cfg: FunnelConfig) -> tuple[int, float]:
+    """(trials at once, CPU per train worker): `tune.max_concurrent` trials, each worker's CPU
+    lowered so that one whole CPU stays free for the Ray Data tasks that feed them
+    (training.loop.cpu_share; the trial's driver holds 0.01 CPU)."""
     import ray
 
+    from training.loop import cpu_share
+
+    n = max(1, cfg.tune.max_concurrent)
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    per_trial = cfg.train.num_workers * min(cfg.train.cpus_per_worker, 0.5) + 0.01
-    return max(1, min(cfg.tune.max_concurrent, int((cpus - 1.0) // per_trial)))
+    return n, cpu_share(cfg.train.cpus_per_worker, n * cfg.train.num_workers, cpus - 0.01 * n)
 
 
 def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
@@ -71,11 +71,12 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
     import mlflow
 
     t = cfg.train  # the trials' budget: tune.epochs / tune.max_train_rows where set
+    concurrent, share = trial_resources(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        t, epochs=cfg.tune.epochs or t.epochs, max_train_rows=cfg.tune.max_train_rows or t.max_train_rows))
+        t, epochs=cfg.tune.epochs or t.epochs, max_train_rows=cfg.tune.max_train_rows or t.max_train_rows,
+        cpus_per_worker=share))
     metric, test_metric = metric_names(model, cfg)
     storage = str((Path(cfg.train.storage_path) / "tune").resolve())
-    concurrent = max_concurrent(cfg)
     param_space = {**space(model), "cfg": cfg, "data_dir": str(Path(data_dir).resolve()), "model": model,
                    "base_params": base_params or {}, "storage": storage,
                    "trial_tag": tune.sample_from(lambda _: __import__("uuid").uuid4().hex[:8])}

@@ -143,9 +143,13 @@ def test_fed_back_clicks_extend_the_served_history(served, tiny_processed):
         return dict(zip(r.json()["items"], r.json()["scores"], strict=True))
 
     before = scores(t_click + 60)
-    for it in items[30:36]:
+    for it in items[30:33]:  # one click per call ...
         requests.post(f"{url}/feedback", json={"user_id": user, "request_id": "r-fb", "item_id": it, "position": 0,
                                                "arm": "treatment", "ts": t_click}, timeout=60).raise_for_status()
+    r = requests.post(f"{url}/feedback", json={"user_id": user, "request_id": "r-fb2", "arm": "treatment", "ts": t_click,
+                                               "clicks": [{"item_id": it, "position": p}  # ... or a slate's clicks at once
+                                                          for p, it in enumerate(items[33:36])]}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"clicks": 3}
     after = scores(t_click + 60)
     assert max(abs(after[i] - before[i]) for i in before) > 1e-3  # the ranker now reads six clicks, not none
     # a request at the click's own time does not see them (strictly before); only the item ages differ by 60 s
@@ -185,6 +189,12 @@ def _bad_requests(users, items):
         ("/feedback", {"user_id": u}), ("/feedback", {"user_id": u, "request_id": "r", "item_id": "i", "position": -1,
                                                       "arm": "a"}),
         ("/feedback", {"user_id": u, "request_id": "r", "item_id": "i", "position": "0", "arm": "a"}),
+        ("/feedback", {"user_id": u, "request_id": "r", "arm": "a"}),  # no click at all
+        ("/feedback", {"user_id": u, "request_id": "r", "arm": "a", "item_id": "i"}),  # no position
+        ("/feedback", {"user_id": u, "request_id": "r", "arm": "a", "item_id": "i", "position": 0,
+                       "clicks": [{"item_id": "j", "position": 1}]}),  # both forms
+        ("/feedback", {"user_id": u, "request_id": "r", "arm": "a", "clicks": []}),
+        ("/feedback", {"user_id": u, "request_id": "r", "arm": "a", "clicks": [{"item_id": "j"}]}),
     ]
     cases += [(p, json.dumps(b)) for p, b in js]
     cases.append(("/rank", json.dumps({"user_id": u, "candidates": ["i" * 100] * 3000})))  # oversized payload
