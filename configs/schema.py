@@ -115,6 +115,7 @@ class TrainConfig:
     storage_path: str = "runs/ray"
     seq_len: int = 0  # behaviors fed to the models; 0 = data.long_len
     max_train_rows: int = 0  # a random sample of the train split per epoch budget; 0 = all rows
+    max_eval_rows: int = 0  # a fixed random sample of val and test (Tune trials); 0 = all rows
     retrieval_k: int = 50  # HR/NDCG/JS@K of retrieval models; early stopping on val HR@K
     new_user_max_clicks: int = 2  # AUC per state group: users with at most this many past clicks are "new"
     cold_item_max_clicks: int = 2  # items with at most this many past clicks are "cold"
@@ -128,6 +129,7 @@ class TuneConfig:
     grace_period: int = 1
     epochs: int = 0  # per trial; 0 = train.epochs
     max_train_rows: int = 0  # per trial; 0 = train.max_train_rows
+    max_eval_rows: int = 0  # per trial, val and test samples (the best trial is re-tested on all of test); 0 = all
 
 
 @dataclass
@@ -148,7 +150,7 @@ class ServeConfig:
     max_batch_size: int = 16  # @serve.batch: concurrent requests per forward pass (retriever, ranker); 1 = off
     batch_wait_ms: float = 2.0  # how long a batch waits to fill
     event_log: str = "runs/served_events"
-    access_log: bool = False  # Serve's log line per request (costs ~N% of 2 cores under load)
+    access_log: bool = False  # Serve's log line per request, in every replica and echoed by the driver
 
 
 @dataclass
@@ -163,6 +165,7 @@ class ABTestConfig:
     alpha: float = 0.05
     slate_size: int = 10
     concurrency: int = 8  # simulated users in flight
+    cuped: bool = True  # promotion reads the CUPED-adjusted lift (covariate: each user's pre-test CTR in the logs)
     seed: int = 0
 
 

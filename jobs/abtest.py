@@ -10,7 +10,8 @@ session) requests, Exp(60 s) + 5 s apart; a user's requests go out in time order
 world's click model decides the clicks, which go back through /feedback, one call per slate (so the next
 request of the session sees them, as a served history does); the event log is then analysed
 (serving/abtest.py): CTR and clicks per request per arm, the lift with a 95% CI, a
-sample-ratio check. Report (markdown + PNG) and numbers logged to MLflow; one JSON line.
+sample-ratio check, and the lift again with CUPED (each user's pre-test CTR in the logs as
+covariate; `abtest.cuped`, which promotion then reads). Report (markdown + PNG) and numbers logged to MLflow; one JSON line.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
 def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
     import mlflow
 
-    from serving.abtest import analyse, plot, report_markdown
+    from serving.abtest import analyse, plot, pre_period_ctr, report_markdown
     from serving.router import read_events
     from training.registry import registered_name, setup_tracking
 
@@ -124,7 +125,8 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
     arms = list(cfg.abtest.arms)
     control = next((a for a in arms if cfg.abtest.variants.get(a) == "popularity"), arms[0])
     treatment = next(a for a in arms if a != control)
-    res = analyse(events, cfg.abtest.arms, control, treatment, cfg.abtest.alpha)
+    covariate = pre_period_ctr(data_dir or cfg.data.output) if cfg.abtest.cuped else None
+    res = analyse(events, cfg.abtest.arms, control, treatment, cfg.abtest.alpha, covariate=covariate)
     res |= {"sent": sent, "seconds": time.time() - t0, "variants": cfg.abtest.variants}
     exp = setup_tracking(cfg.tracking)
     client = mlflow.MlflowClient()
@@ -150,6 +152,8 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
                                 f"{a}_users": s["users"]})
         if res["lift"]:
             mlflow.log_metrics({f"lift_{k}": v for k, v in res["lift"].items()})
+        if res["lift_cuped"]:
+            mlflow.log_metrics({f"lift_cuped_{k}": v for k, v in res["lift_cuped"].items()})
         mlflow.set_tags({"srm_mismatch": str(res["srm"]["mismatch"]), "variants": json.dumps(cfg.abtest.variants),
                          **{f"version.{k}": v for k, v in versions.items()}})
         res["run_id"] = run.info.run_id
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args)
     init_ray()
     res = run_abtest(cfg, args.url, args.data)
-    print(json.dumps({"lift": res["lift"], "significant_positive": res["significant_positive"],
+    print(json.dumps({"lift": res["lift"], "lift_cuped": res["lift_cuped"], "significant_positive": res["significant_positive"],
                       "srm_mismatch": res["srm"]["mismatch"], "run_id": res["run_id"]}))
     return 0
 

@@ -124,7 +124,7 @@ def stage_abtest(cfg: FunnelConfig) -> dict:
 
     url = _running_url(cfg) or deploy(cfg)
     res = run_abtest(cfg, url)
-    return {k: res[k] for k in ("lift", "significant_positive", "srm", "run_id", "arms")}
+    return {k: res[k] for k in ("lift", "lift_cuped", "decided_on", "significant_positive", "srm", "run_id", "arms")}
 
 
 def stage_promote(cfg: FunnelConfig) -> dict:

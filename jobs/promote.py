@@ -30,9 +30,11 @@ def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
     setup_tracking(cfg.tracking)
     client = mlflow.MlflowClient()
     ok = bool(ab.get("significant_positive"))
-    lift = ab.get("lift") or {}
+    decided_on = ab.get("decided_on", "lift")  # the raw lift, or the CUPED-adjusted one (serving/abtest.py)
+    lift = ab.get(decided_on) or {}
     evidence = {"abtest_run_id": ab.get("run_id", ""), "lift": f"{lift.get('relative', float('nan')):+.4f}",
                 "ci": f"[{lift.get('ci_low', float('nan')):+.4f}, {lift.get('ci_high', float('nan')):+.4f}]",
+                "p_value": f"{lift.get('p_value', float('nan')):.4g}", "estimator": decided_on,
                 "srm_mismatch": str(ab.get("srm", {}).get("mismatch"))}
     moves = {}
     for model in (cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker):

@@ -137,10 +137,12 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     root = Path(data_dir)
     folder = "retrieval" if is_retrieval(model) else "ranking"
     datasets = {s: ray.data.read_parquet(str(root / folder / f"split={s}")) for s in ("train", "val", "test")}
-    if cfg.train.max_train_rows:  # a fixed random sample (same seed, same rows), for budgets like the demo's
-        n = datasets["train"].count()
-        if n > cfg.train.max_train_rows:
-            datasets["train"] = datasets["train"].random_sample(cfg.train.max_train_rows / n, seed=cfg.train.seed)
+    # fixed random samples (same seed, same rows), for budgets like the demo's Tune trials
+    limits = {"train": cfg.train.max_train_rows, "val": cfg.train.max_eval_rows, "test": cfg.train.max_eval_rows}
+    for split, limit in limits.items():
+        n = datasets[split].count() if limit else 0
+        if limit and n > limit:
+            datasets[split] = datasets[split].random_sample(limit / n, seed=cfg.train.seed)
     storage = Path(storage_path or cfg.train.storage_path).resolve()
     marker_dir = storage / name
     marker_dir.mkdir(parents=True, exist_ok=True)

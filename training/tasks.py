@@ -93,3 +93,18 @@ def task_from_config(model: str, data_dir: str | Path, train) -> RankingTask | R
     """The task for `model` with the knobs of a `TrainConfig`."""
     return make_task(model, data_dir, train.seq_len, train.retrieval_k, train.new_user_max_clicks,
                      train.cold_item_max_clicks)
+
+
+def evaluate_split(task: RankingTask | RetrievalTask, model: nn.Module, data_dir: str | Path, split: str,
+                   batch_size: int = 1024) -> dict[str, float]:
+    """`task.evaluate` over a whole split of the ingest output, in this process (no Ray)."""
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(str(Path(data_dir) / task.folder / f"split={split}"), format="parquet")
+
+    def batches():
+        for rb in ds.to_batches(batch_size=batch_size):
+            if rb.num_rows:
+                yield task.batcher({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
+
+    return task.evaluate(model, batches())

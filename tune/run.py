@@ -74,7 +74,7 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
     concurrent, share = trial_resources(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         t, epochs=cfg.tune.epochs or t.epochs, max_train_rows=cfg.tune.max_train_rows or t.max_train_rows,
-        cpus_per_worker=share))
+        max_eval_rows=cfg.tune.max_eval_rows or t.max_eval_rows, cpus_per_worker=share))
     metric, test_metric = metric_names(model, cfg)
     storage = str((Path(cfg.train.storage_path) / "tune").resolve())
     param_space = {**space(model), "cfg": cfg, "data_dir": str(Path(data_dir).resolve()), "model": model,
@@ -154,6 +154,11 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
     net = task.build(model, params)
     net.load_state_dict(state["best_model"])
     final = {k: float(best[k]) for k in (test_metric,) if best.get(k) is not None}
+    if final and (cfg.tune.max_eval_rows or cfg.train.max_eval_rows):
+        # the trials were tested on a sample: the gate compares on the whole test split, as jobs.train does
+        from training.tasks import evaluate_split
+
+        final = {test_metric: evaluate_split(task, net, data_dir, "test", cfg.train.batch_size)[test_metric[5:]]}
     tuned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=float(best["lr"])))
     run_id = log_run(tuned, model, params, [], final | {f"best_{metric}": float(best[metric])}, data_dir, net,
                      task.spec)

@@ -85,3 +85,20 @@ def test_serve_config_file_args_are_the_typed_builder_args():
         FunnelArgs(**{**args, "serve": {**args["serve"], "retrieve_topn": 5}})
     with pytest.raises(ValidationError, match="abtest.arms"):
         FunnelArgs(**{**args, "abtest": {"arms": "half"}})
+
+
+def test_pre_period_ctr_is_each_users_logged_ctr_shrunk_to_the_mean(tiny_processed):
+    """The A/B's CUPED covariate: CTR over the logged impressions, per user_id, before the test."""
+    import pandas as pd
+
+    from serving.abtest import pre_period_ctr
+
+    x = pre_period_ctr(tiny_processed, prior=20.0)
+    rows = pd.read_parquet(tiny_processed / "ranking", columns=["label", "user_key", "is_sampled_negative"])
+    rows = rows[rows["is_sampled_negative"] == 0]
+    users = pd.read_parquet(tiny_processed / "users.parquet", columns=["user_id", "user_key"])
+    key = rows["user_key"].value_counts().index[0]  # the most exposed user
+    uid = str(users.loc[users["user_key"] == key, "user_id"].iloc[0])
+    mine = rows[rows["user_key"] == key]["label"]
+    assert x[uid] == pytest.approx((mine.sum() + 20.0 * rows["label"].mean()) / (len(mine) + 20.0))
+    assert len(x) == rows["user_key"].nunique() and x.between(0, 1).all() and all(isinstance(u, str) for u in x.index)
