@@ -115,7 +115,8 @@ class TrainConfig:
     storage_path: str = "runs/ray"
     seq_len: int = 0  # behaviors fed to the models; 0 = data.long_len
     max_train_rows: int = 0  # a random sample of the train split per epoch budget; 0 = all rows
-    max_eval_rows: int = 0  # a fixed random sample of val and test (Tune trials); 0 = all rows
+    max_val_rows: int = 0  # a fixed random sample of val (early stopping, curves); 0 = all rows
+    max_test_rows: int = 0  # a fixed random sample of test; 0 = all. The registry gate reads test: keep 0
     retrieval_k: int = 50  # HR/NDCG/JS@K of retrieval models; early stopping on val HR@K
     new_user_max_clicks: int = 2  # AUC per state group: users with at most this many past clicks are "new"
     cold_item_max_clicks: int = 2  # items with at most this many past clicks are "cold"
@@ -149,6 +150,7 @@ class ServeConfig:
     reload_s: float = 30.0  # how often a stage checks whether its registry alias moved
     max_batch_size: int = 16  # @serve.batch: concurrent requests per forward pass (retriever, ranker); 1 = off
     batch_wait_ms: float = 2.0  # how long a batch waits to fill
+    max_ongoing_requests: int = 32  # per replica (Serve's default, 5, also caps every @serve.batch at 5)
     event_log: str = "runs/served_events"
     access_log: bool = False  # Serve's log line per request, in every replica and echoed by the driver
 

@@ -436,7 +436,8 @@ def build_app(args: FunnelArgs) -> serve.Application:
     if bad or set(variants) != set(arms):
         raise ValueError(f"abtest.variants must name every arm as 'popularity' or 'funnel@<alias>': {variants}")
     opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus},
-            "logging_config": {"enable_access_log": args.serve.access_log}}
+            "logging_config": {"enable_access_log": args.serve.access_log},
+            "max_ongoing_requests": args.serve.max_ongoing_requests}
     stages = {kind: {a: cls.options(name=f"{cls.name}-{a}", **opts).bind(args, a) for a in aliases}
               for kind, cls in (("r", RetrieverStage), ("p", PrerankerStage), ("k", RankerStage))}
     return Funnel.options(**opts).bind(args, stages["r"], stages["p"], stages["k"])

@@ -138,7 +138,7 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     folder = "retrieval" if is_retrieval(model) else "ranking"
     datasets = {s: ray.data.read_parquet(str(root / folder / f"split={s}")) for s in ("train", "val", "test")}
     # fixed random samples (same seed, same rows), for budgets like the demo's Tune trials
-    limits = {"train": cfg.train.max_train_rows, "val": cfg.train.max_eval_rows, "test": cfg.train.max_eval_rows}
+    limits = {"train": cfg.train.max_train_rows, "val": cfg.train.max_val_rows, "test": cfg.train.max_test_rows}
     for split, limit in limits.items():
         n = datasets[split].count() if limit else 0
         if limit and n > limit:

@@ -74,7 +74,8 @@ def run_tune(cfg: FunnelConfig, data_dir: str, model: str, num_samples: int,
     concurrent, share = trial_resources(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         t, epochs=cfg.tune.epochs or t.epochs, max_train_rows=cfg.tune.max_train_rows or t.max_train_rows,
-        max_eval_rows=cfg.tune.max_eval_rows or t.max_eval_rows, cpus_per_worker=share))
+        max_val_rows=cfg.tune.max_eval_rows or t.max_val_rows, max_test_rows=cfg.tune.max_eval_rows or t.max_test_rows,
+        cpus_per_worker=share))
     metric, test_metric = metric_names(model, cfg)
     storage = str((Path(cfg.train.storage_path) / "tune").resolve())
     param_space = {**space(model), "cfg": cfg, "data_dir": str(Path(data_dir).resolve()), "model": model,
@@ -154,7 +155,7 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
     net = task.build(model, params)
     net.load_state_dict(state["best_model"])
     final = {k: float(best[k]) for k in (test_metric,) if best.get(k) is not None}
-    if final and (cfg.tune.max_eval_rows or cfg.train.max_eval_rows):
+    if final and (cfg.tune.max_eval_rows or cfg.train.max_test_rows):
         # the trials were tested on a sample: the gate compares on the whole test split, as jobs.train does
         from training.tasks import evaluate_split
 
