@@ -1,13 +1,14 @@
 """Load test of the served funnel: p50/p99 latency and errors at rising QPS, open loop.
 
   python -m benchmarks.serve_load --config configs/small.yaml [--url URL] [--duration 60]
-                                  [--batch-sizes 16,1]
+                                  [--batch-sizes 16,1] [--warmup 10]
 
 Needs registered models (run `make demo` first). Without --url the funnel is deployed
 on 127.0.0.1 (Ray Serve, the config's replica CPUs). For /rank (100 candidates) and
 /recommend (the whole funnel), requests are sent at a fixed rate — open loop: a slow
 server does not slow the sender, so queueing shows up in the latency — for `--duration`
-seconds per level; levels double until p99 passes 100 ms or a request fails. With
+seconds per level, after `--warmup` seconds at the first level that are not measured; levels
+double until p99 passes 100 ms or a request fails. With
 --batch-sizes the funnel is redeployed once per `serve.max_batch_size` (`@serve.batch` of
 the retriever and ranker; 1 = off) and the levels repeat, side by side in one run. Prints
 a table and the highest QPS with p99 < 100 ms and no errors; writes JSON.
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--start-qps", type=float, default=5.0)
     p.add_argument("--max-qps", type=float, default=640.0)
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds at the first level before measuring")
     p.add_argument("--batch-sizes", default="", help="comma-separated serve.max_batch_size values to compare")
     p.add_argument("--out", default="benchmarks/out/serve_load.json")
     a = p.parse_args(argv)
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             init_ray()
             url = deploy(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, max_batch_size=size)))
         for path, bodies in (("/rank", rank), ("/recommend", rec)):
+            if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
+                asyncio.run(_level(url, path, bodies, a.start_qps, a.warmup))
             qps = a.start_qps
             while qps <= a.max_qps:
                 r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"max_batch_size": size}
