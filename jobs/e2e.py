@@ -45,9 +45,10 @@ def _funnel_models(cfg: FunnelConfig) -> list[str]:
 
 
 def stage_train(cfg: FunnelConfig) -> dict:
-    """The funnel's three models, `train.parallel_models` at a time (each fit is one Ray Train
-    worker, which on CPU keeps about one core busy: on 2 cores, fitting them side by side
-    is what fills the machine)."""
+    """The funnel's three models, `train.parallel_models` at a time, each fit a Ray Train run
+    launched from a Ray task. Side by side they overlap each other's fixed costs (worker
+    start-up, data, evaluation); compute itself does not scale on the 2-vCPU VM (7:45 vs 8:05
+    one after another, benchmarks/RESULTS.md)."""
     from jobs.train import train_and_register
 
     models = _funnel_models(cfg)

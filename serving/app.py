@@ -403,13 +403,13 @@ class Funnel:
         return Recommendation(items=items, scores=scores, request_id=rid, arm=arm, stages=stages)
 
     @api.post("/feedback")
-    async def feedback(self, req: FeedbackRequest) -> dict[str, int]:
+    async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         ts = _ts(req.ts)
         clicks = req.all_clicks()
         for c in clicks:
             self.log.click(req.user_id, c.item_id, ts, req.request_id, c.position, req.arm)
             self.recent.add(req.user_id, c.item_id, ts)
-        return {"clicks": len(clicks)}
+        return {"ok": True, "clicks": len(clicks)}
 
     @api.post("/flush")
     def flush(self) -> dict[str, str]:

@@ -149,7 +149,7 @@ def test_fed_back_clicks_extend_the_served_history(served, tiny_processed):
     r = requests.post(f"{url}/feedback", json={"user_id": user, "request_id": "r-fb2", "arm": "treatment", "ts": t_click,
                                                "clicks": [{"item_id": it, "position": p}  # ... or a slate's clicks at once
                                                           for p, it in enumerate(items[33:36])]}, timeout=60)
-    assert r.status_code == 200 and r.json() == {"clicks": 3}
+    assert r.status_code == 200 and r.json() == {"ok": True, "clicks": 3}
     after = scores(t_click + 60)
     assert max(abs(after[i] - before[i]) for i in before) > 1e-3  # the ranker now reads six clicks, not none
     # a request at the click's own time does not see them (strictly before); only the item ages differ by 60 s
