@@ -17,109 +17,25 @@ beside the old one and swaps — requests in flight finish on the old model, non
 import asyncio
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
-from configs import ABTestConfig, ServeConfig
-
-MAX_HISTORY = 1000
-MAX_CANDIDATES = 2000
-MAX_BODY_BYTES = 256 * 1024
-Id = Annotated[str, Field(min_length=1, max_length=128)]
-
-
-# --------------------------------------------------------------------------- request / response models
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class RetrieveRequest(_Strict):
-    user_id: Id
-    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
-    n: int = Field(500, ge=1, le=MAX_CANDIDATES)
-
-
-class PrerankRequest(_Strict):
-    user_id: Id
-    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
-    candidates: list[Id] = Field(min_length=1, max_length=MAX_CANDIDATES)
-    m: int = Field(100, ge=1, le=MAX_CANDIDATES)
-    ts: int | None = Field(None, ge=0)
-
-
-class RankRequest(_Strict):
-    user_id: Id
-    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
-    candidates: list[Id] = Field(min_length=1, max_length=500)
-    k: int = Field(10, ge=1, le=500)
-    ts: int | None = Field(None, ge=0)
-
-
-class RecommendRequest(_Strict):
-    user_id: Id
-    history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
-    k: int = Field(10, ge=1, le=100)
-    ts: int | None = Field(None, ge=0)
-
-
-class Click(_Strict):
-    item_id: Id
-    position: int = Field(ge=0, le=100)
-
-
-class FeedbackRequest(_Strict):
-    """Clicks on one served slate: one (`item_id`, `position`) or several (`clicks`)."""
-
-    user_id: Id
-    request_id: Id
-    arm: Id
-    ts: int | None = Field(None, ge=0)
-    item_id: Id | None = None
-    position: int | None = Field(None, ge=0, le=100)
-    clicks: list[Click] | None = Field(None, min_length=1, max_length=100)
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "FeedbackRequest":
-        single = (self.item_id is not None, self.position is not None)
-        if (self.clicks is None) != all(single) or (self.clicks is not None and any(single)):
-            raise ValueError("send one click as item_id + position, or several as clicks: [{item_id, position}, ...]")
-        return self
-
-    def all_clicks(self) -> list[Click]:
-        return self.clicks if self.clicks is not None else [Click(item_id=self.item_id, position=self.position)]
-
-
-class Items(BaseModel):
-    items: list[str]
-    scores: list[float]
-    model_version: str = ""
-
-
-class Recommendation(Items):
-    request_id: str
-    arm: str
-    stages: dict[str, str] = {}
-
-
-class FunnelArgs(BaseModel):
-    """Typed arguments of the app builder (also the `args:` of serving/config.yaml): where the
-    processed data and the registry are, and the config's own `serve` and `abtest` sections
-    (configs/schema.py: one definition of every serving knob; a misspelt key is an error)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    data_dir: str
-    tracking_uri: str = "sqlite:///runs/mlflow.db"
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    abtest: ABTestConfig = Field(default_factory=ABTestConfig)
-
+from serving.schemas import (  # noqa: F401 - re-exported: the contract is part of the app
+    MAX_BODY_BYTES,
+    Click,
+    FeedbackRequest,
+    FunnelArgs,
+    Items,
+    PrerankRequest,
+    RankRequest,
+    Recommendation,
+    RecommendRequest,
+    RetrieveRequest,
+)
 
 # --------------------------------------------------------------------------- helpers
 # (defined before the deployments: Serve ships the classes to replicas by value)
