@@ -140,8 +140,7 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     # fixed random samples (same seed, same rows), for budgets like the demo's Tune trials
     limits = {"train": cfg.train.max_train_rows, "val": cfg.train.max_val_rows, "test": cfg.train.max_test_rows}
     for split, limit in limits.items():
-        n = datasets[split].count() if limit else 0
-        if limit and n > limit:
+        if limit and (n := datasets[split].count()) > limit:
             datasets[split] = datasets[split].random_sample(limit / n, seed=cfg.train.seed)
     storage = Path(storage_path or cfg.train.storage_path).resolve()
     marker_dir = storage / name

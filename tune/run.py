@@ -159,7 +159,7 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
         # the trials were tested on a sample: the gate compares on the whole test split, as jobs.train does
         from training.tasks import evaluate_split
 
-        final = {test_metric: evaluate_split(task, net, data_dir, "test", cfg.train.batch_size)[test_metric[5:]]}
+        final = {test_metric: evaluate_split(task, net, data_dir, "test", cfg.train.batch_size)[test_metric.removeprefix("test_")]}
     tuned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=float(best["lr"])))
     run_id = log_run(tuned, model, params, [], final | {f"best_{metric}": float(best[metric])}, data_dir, net,
                      task.spec)
