@@ -2,9 +2,13 @@
 
   python -m benchmarks.fidelity --data data/processed/small --data data/processed/movielens --seeds 3
 
-Every claim of DESIGN.md's model sections, tested the same way: same rows, same budget
-(epochs, batch, learning rate, embedding size, history length) for every model, several
-seeds, mean ± std. Per dataset:
+Every claim of DESIGN.md's model sections, tested the same way, with a converged protocol:
+every model trains on the whole train split (or a stated subsample, `--train-rows`) until
+its validation AUC stops improving (`--patience` epochs without a new best, at most
+`--max-epochs`), after a small learning-rate sweep per model family (`--lrs`, on seed 0,
+chosen on val; the family's ablations reuse its rate); the floors are fitted to convergence
+as before. Every row reports the optimiser steps its fits took. Several seeds, mean ± std.
+Per dataset:
 
 - Ranking: two honest floors on the same past-only features (no-training click-rate
   heuristic; logistic regression and gradient-boosted trees), the baselines (mean-pool,
@@ -53,13 +57,15 @@ STATE = ("user_clicks_before", "item_clicks_before")
 
 @dataclass
 class Budget:
-    train_rows: int = 60_000
-    eval_rows: int = 30_000
+    train_rows: int = 0  # 0 = the whole train split
+    eval_rows: int = 0  # val / test rows; 0 = whole splits
     retrieval_train_rows: int = 30_000
     retrieval_eval_rows: int = 4_000
-    epochs: int = 2
+    epochs: int = 12  # the maximum; early stopping on val AUC ends most fits before
+    patience: int = 2
     batch_size: int = 1024
-    lr: float = 2e-3
+    lr: float = 2e-3  # retrieval, and ranking families when the sweep is off
+    lrs: tuple[float, ...] = (1e-3, 3e-3)  # the per-family sweep on seed 0 (ranking)
     embed_dim: int = 16
     seq_len: int = 100
     karma_len: int = 20
@@ -67,10 +73,12 @@ class Budget:
     thresholds: dict[str, int] = field(default_factory=lambda: {"new_user_max_clicks": 2, "cold_item_max_clicks": 2})
 
 
-# (row label, model name, params); D and the budget are the same for all
+# (row label, model name, params); D and the budget are the same for all. The first row of
+# each family (`family`) is the one its learning rate is swept on.
 RANKING: list[tuple[str, str, dict[str, Any]]] = [
     ("mean_pool", "mean_pool", {}),
     ("din (short seq)", "din", {"sequence": "short"}),
+    ("din (short seq, no softmax)", "din", {"sequence": "short", "attention_norm": "none"}),
     ("din (long seq)", "din", {"sequence": "long"}),
     ("dcnv2", "dcnv2", {}),
     ("sim_hard", "sim_hard", {}),
@@ -89,6 +97,18 @@ RANKING: list[tuple[str, str, dict[str, Any]]] = [
     ("lrea λ=0.3", "lrea", {"lam": 0.3}),
     ("lrea λ=1", "lrea", {"lam": 1.0}),
 ]
+# `--rows paper`: each paper model and the baselines the acceptance compares it with;
+# `--rows core`: those plus the cheap ablations (the expensive ones —
+# CDNet over the full sequence, AdaF2M2 around DLF, two DLF ablations, two λ — run with `all`)
+PAPER = {"mean_pool", "din (short seq)", "dcnv2", "sim_hard", "cdnet", "dlf", "adaf2m2:dcnv2", "lrea λ=0.3"}
+CORE = {"mean_pool", "din (short seq)", "din (short seq, no softmax)", "din (long seq)", "dcnv2", "sim_hard",
+        "cdnet", "cdnet: w/o core", "cdnet: w/o distribution", "dlf", "dlf: w/o NAF", "adaf2m2:dcnv2",
+        "lrea λ=0", "lrea λ=0.3"}
+
+
+def family(name: str) -> str:
+    """The learning-rate family of a model name (its ablations share the rate)."""
+    return name
 KARMA_SIM_ROW = "dcnv2 + karma_sim"
 RETRIEVAL = ["popularity", "two_tower", "adaf2m2:two_tower", "karma action-only (λ_dec=0)", "karma (λ_dec=0.5)"]
 
@@ -148,15 +168,21 @@ def _shuffled(batches: list, seed: int):
 # --------------------------------------------------------------------------- fits
 
 
-def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, seed: int) -> tuple[torch.nn.Module, dict]:
+def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, seed: int,
+             lr: float) -> tuple[torch.nn.Module, dict]:
+    """Train until val AUC stops improving (patience, at most b.epochs); the best epoch's weights
+    are tested. Returns the model and test metrics + val AUC, lr, epochs, steps, seconds, curve."""
     torch.manual_seed(seed)
     model = build_model(name, spec, params or None)
-    opt = torch.optim.Adam(model.parameters(), lr=b.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     evaluate = lambda split: ranking_metrics(predict_ranking(model, data[split], keep=STATE), **b.thresholds)  # noqa: E731
     t0 = time.perf_counter()
-    fit_early_stopping(model, _shuffled(data["train"], seed), lambda: evaluate("val"), "auc", opt, epochs=b.epochs,
-                       patience=b.epochs)
-    out = evaluate("test") | {"seconds": time.perf_counter() - t0}
+    best_epoch, history = fit_early_stopping(model, _shuffled(data["train"], seed), lambda: evaluate("val"), "auc",
+                                             opt, epochs=b.epochs, patience=b.patience)
+    out = evaluate("test") | {
+        "val_auc": max(h["val_auc"] for h in history), "lr": lr, "epochs": len(history), "best_epoch": best_epoch,
+        "steps": len(data["train"]) * len(history), "seconds": time.perf_counter() - t0,
+        "curve": [round(h["val_auc"], 5) for h in history]}
     return model, out
 
 
@@ -164,7 +190,7 @@ def fit_retr(model: torch.nn.Module, data: dict[str, list], cat: Catalogue, b: B
     opt = torch.optim.Adam(model.parameters(), lr=b.lr)
     t0 = time.perf_counter()
     fit_early_stopping(model, _shuffled(data["train"], seed), lambda: evaluate_retrieval(model, data["val"], cat, b.k),
-                       f"hr_{b.k}", opt, epochs=b.epochs, patience=b.epochs)
+                       f"hr_{b.k}", opt, epochs=b.epochs, patience=b.patience)
     out = evaluate_retrieval(model, data["test"], cat, b.k)
     return _retr_keys(out, b.k) | {"seconds": time.perf_counter() - t0}
 
@@ -184,8 +210,37 @@ def popularity(train: pd.DataFrame, test: pd.DataFrame, cat: Catalogue, k: int) 
 # --------------------------------------------------------------------------- one dataset
 
 
-def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None = None) -> dict[str, Any]:
+def run_retrieval(root: Path, cat: Catalogue, retr_b: RetrievalBatcher, b: Budget, seed: int, want, add):
+    """Popularity, the two-tower (plain and AdaF2M2) and KARMA (action-only and λ_dec > 0) on one
+    seed's sample of the retrieval rows; returns the trained KARMA (λ_dec > 0) or None."""
+    rdf = {s: _split(root, "retrieval", s, b.retrieval_train_rows if s == "train" else b.retrieval_eval_rows, seed)
+           for s in ("train", "val", "test")}
+    rdata = {s: _batches(retr_b, d, b.batch_size, f"retrieval {s}") for s, d in rdf.items()}
+    add("popularity", popularity(rdf["train"], rdf["test"], cat, b.k))
+    for name in ("two_tower", "adaf2m2:two_tower"):
+        if want(name):
+            torch.manual_seed(seed)
+            add(name, fit_retr(build_model(name, retr_b.spec, None, tiny=True), rdata, cat, b, seed))
+    karma = None
+    for row, lam in (("karma action-only (λ_dec=0)", 0.0), ("karma (λ_dec=0.5)", 0.5)):
+        if want(row) or (lam > 0 and want(KARMA_SIM_ROW)):
+            torch.manual_seed(seed)
+            m = KARMA(KARMAConfig(dim=32, text_dim=32, decoder_hidden=64, decoder_layers=2, decoder_heads=4,
+                                  decoder_kv_heads=2, decoder_intermediate=128, lam_dec=lam), cat.titles,
+                      max_history=b.karma_len)
+            add(row, fit_retr(m, rdata, cat, b, seed))
+            karma = m if lam > 0 else karma
+    return karma
+
+
+def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None = None,
+                parts: tuple[str, ...] = ("ranking", "retrieval"), on_seed=None) -> dict[str, Any]:
+    """Every row on every seed; `on_seed(partial result)` after each seed (the JSON is written as it goes)."""
     results: dict[str, list[dict]] = {}
+    lrs: dict[str, float] = {}  # family -> the learning rate its sweep chose
+    n_rows = {s: len(pd.read_parquet(root / "ranking" / f"split={s}", columns=["label"])) for s in ("train", "val", "test")}
+    result = lambda done: {"dataset": root.name, "seeds": done, "budget": vars(b) | {"lrs": list(b.lrs)},  # noqa: E731
+                           "results": results, "rows": n_rows, "lrs": dict(lrs)}
     add = lambda row, m: results.setdefault(row, []).append(m)  # noqa: E731
     want = lambda row: only is None or row in only  # noqa: E731
     cat = Catalogue.from_dir(root)
@@ -193,26 +248,10 @@ def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None =
     retr_b = RetrievalBatcher.from_dir(root, seq_len=b.karma_len, logq=cat.logq)
     for seed in seeds:
         print(f"[fidelity] {root.name} seed {seed}", flush=True)
-        # ---- retrieval
-        rdf = {s: _split(root, "retrieval", s, b.retrieval_train_rows if s == "train" else b.retrieval_eval_rows, seed)
-               for s in ("train", "val", "test")}
-        rdata = {s: _batches(retr_b, d, b.batch_size, f"retrieval {s}") for s, d in rdf.items()}
-        add("popularity", popularity(rdf["train"], rdf["test"], cat, b.k))
-        for name in ("two_tower", "adaf2m2:two_tower"):
-            if want(name):
-                torch.manual_seed(seed)
-                add(name, fit_retr(build_model(name, retr_b.spec, None, tiny=True), rdata, cat, b, seed))
-        karma = None
-        for row, lam in (("karma action-only (λ_dec=0)", 0.0), ("karma (λ_dec=0.5)", 0.5)):
-            if want(row) or (lam > 0 and want(KARMA_SIM_ROW)):
-                torch.manual_seed(seed)
-                m = KARMA(KARMAConfig(dim=32, text_dim=32, decoder_hidden=64, decoder_layers=2, decoder_heads=4,
-                                      decoder_kv_heads=2, decoder_intermediate=128, lam_dec=lam), cat.titles,
-                          max_history=b.karma_len)
-                add(row, fit_retr(m, rdata, cat, b, seed))
-                karma = m if lam > 0 else karma
+        karma = run_retrieval(root, cat, retr_b, b, seed, want, add) if "retrieval" in parts else None
         # ---- ranking
-        df = {s: _split(root, "ranking", s, b.train_rows if s == "train" else b.eval_rows, seed)
+        # the train sample follows the seed; val / test samples are the same rows for every seed
+        df = {s: _split(root, "ranking", s, b.train_rows if s == "train" else b.eval_rows, seed if s == "train" else 0)
               for s in ("train", "val", "test")}
         for k, v in evaluate_floors(df["train"], df["test"], rank_b.spec, seed=seed).items():
             add(f"floor: {k}", v)
@@ -220,18 +259,28 @@ def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None =
         for row, name, params in RANKING:
             if not want(row):
                 continue
-            model, m = fit_rank(name, params, rank_b.spec, data, b, seed)
+            fam = family(name)
+            if seed == seeds[0] and fam not in lrs:  # the family's sweep: every lr on the first seed, best val
+                fits = [fit_rank(name, params, rank_b.spec, data, b, seed, lr) for lr in b.lrs]
+                model, m = max(fits, key=lambda f: f[1]["val_auc"])
+                lrs[fam] = m["lr"]
+                m["sweep"] = {f[1]["lr"]: round(f[1]["val_auc"], 5) for f in fits}
+            else:
+                model, m = fit_rank(name, params, rank_b.spec, data, b, seed, lrs.get(fam, b.lr))
             if name == "lrea":
                 with torch.no_grad():
                     m |= serving_gap(model, data["test"][0])
             add(row, m)
-            print(f"  {row:<28} auc {m['auc']:.4f}  ({m['seconds']:.0f}s)", flush=True)
+            print(f"  {row:<30} auc {m['auc']:.4f}  val {m['val_auc']:.4f}  lr {m['lr']:g}  epochs {m['epochs']} "
+                  f"steps {m['steps']}  ({m['seconds']:.0f}s)  {m.get('sweep', '')}", flush=True)
         if karma is not None and want(KARMA_SIM_ROW):
             kb = RankingBatcher(rank_b.spec, rank_b.history, b.seq_len, karma=karma, karma_len=b.karma_len)
             kdata = {s: _batches(kb, d, b.batch_size, f"karma_sim {s}") for s, d in df.items()}
-            add(KARMA_SIM_ROW, fit_rank("dcnv2", {}, rank_b.spec.with_numeric("karma_sim"), kdata, b, seed)[1])
-    return {"dataset": root.name, "seeds": seeds, "budget": vars(b), "results": results,
-            "rows": {s: len(pd.read_parquet(root / "ranking" / f"split={s}")) for s in ("train", "val", "test")}}
+            add(KARMA_SIM_ROW, fit_rank("dcnv2", {}, rank_b.spec.with_numeric("karma_sim"), kdata, b, seed,
+                                        lrs.get("dcnv2", b.lr))[1])
+        if on_seed is not None:
+            on_seed(result(seeds[: seeds.index(seed) + 1]))
+    return result(seeds)
 
 
 # --------------------------------------------------------------------------- report
@@ -251,13 +300,16 @@ def _fmt(vals: list[float]) -> str:
 
 def ranking_table(res: dict[str, list[dict]]) -> str:
     cols = ["auc", "gauc", "logloss", "auc_new_users", "auc_cold_items"]
-    lines = ["| model | " + " | ".join(cols) + " | s/fit |", "|---|" + "---:|" * (len(cols) + 1)]
+    extra = ["lr", "epochs", "steps", "s/fit"]
+    lines = ["| model | " + " | ".join(cols + extra) + " |", "|---|" + "---:|" * (len(cols) + len(extra))]
     for row, ms in res.items():
         if "hr" in ms[0]:
             continue
         cells = [_fmt([m.get(c) for m in ms]) for c in cols]
-        sec = mean_std([m.get("seconds") for m in ms])[0]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {'–' if sec != sec else f'{sec:.0f}'} |")
+        for key, f in (("lr", "{:g}"), ("epochs", "{:.1f}"), ("steps", "{:,.0f}"), ("seconds", "{:.0f}")):
+            v = mean_std([m.get(key) for m in ms])[0]
+            cells.append("–" if v != v else f.format(v))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -307,15 +359,22 @@ def claims_table(res: dict[str, list[dict]]) -> str:
 
 def report(out: dict[str, Any]) -> str:
     b = out["budget"]
-    head = (f"### {out['dataset']} — seeds {out['seeds']}\n\nBudget per model: {b['train_rows']:,} train rows "
-            f"(of {out['rows']['train']:,}), {b['eval_rows']:,} val / test rows, {b['epochs']} epochs (best by val), "
-            f"batch {b['batch_size']}, Adam {b['lr']}, D = {b['embed_dim']}, history {b['seq_len']} "
-            f"(short 20), retrieval: {b['retrieval_train_rows']:,} train clicks, "
-            f"{b['retrieval_eval_rows']:,} val / test, K = {b['k']}, KARMA history {b['karma_len']}.\n")
-    return "\n\n".join([head, "Ranking (test split):", ranking_table(out["results"]),
-                        "LREA: train/serve gap against λ (test rows):", lrea_table(out["results"]),
-                        "Retrieval (test split, full catalogue):", retrieval_table(out["results"], b["k"]),
-                        "Claims:", claims_table(out["results"])])
+    rows = out["rows"]
+    n_train = f"{b['train_rows']:,} train rows (of {rows['train']:,})" if b["train_rows"] else f"all {rows['train']:,} train rows"
+    n_eval = f"{b['eval_rows']:,} val / test rows (the same rows for every seed)" if b["eval_rows"] else (
+        f"all {rows['val']:,} val / {rows['test']:,} test rows")
+    head = (f"### {out['dataset']} — seeds {out['seeds']}\n\nBudget per model: {n_train}, {n_eval}; up to "
+            f"{b['epochs']} epochs, early stopping on val AUC with patience {b.get('patience', b['epochs'])} (the best "
+            f"epoch is tested); Adam, learning rate swept per model family over {list(b.get('lrs', [b['lr']]))} on seed "
+            f"{out['seeds'][0]} and chosen on val; batch {b['batch_size']}, D = {b['embed_dim']}, history "
+            f"{b['seq_len']} (short 20).\n")
+    parts = [head, "Ranking (test split; steps = optimiser steps per fit, mean over seeds):", ranking_table(out["results"]),
+             "LREA: train/serve gap against λ (test rows):", lrea_table(out["results"])]
+    if any(r in out["results"] for r in RETRIEVAL):
+        parts += [f"Retrieval (test split, full catalogue; {b['retrieval_train_rows']:,} train clicks, "
+                  f"{b['retrieval_eval_rows']:,} val / test, K = {b['k']}, KARMA history {b['karma_len']}):",
+                  retrieval_table(out["results"], b["k"])]
+    return "\n\n".join([*parts, "Claims:", claims_table(out["results"])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--train-rows", type=int, default=Budget.train_rows)
     p.add_argument("--eval-rows", type=int, default=Budget.eval_rows)
-    p.add_argument("--epochs", type=int, default=Budget.epochs)
+    p.add_argument("--epochs", type=int, default=Budget.epochs, help="the most epochs a fit may take")
+    p.add_argument("--patience", type=int, default=Budget.patience, help="epochs without a new best val AUC")
+    p.add_argument("--lrs", default=",".join(map(str, Budget.lrs)), help="the per-family learning-rate sweep")
+    p.add_argument("--batch-size", type=int, default=Budget.batch_size)
+    p.add_argument("--rows", choices=("paper", "core", "all"), default="all",
+                   help="paper: the paper models and their baselines; core: those and the cheap ablations")
+    p.add_argument("--parts", default="ranking,retrieval", help="ranking, retrieval or both")
     p.add_argument("--only", help="comma-separated row labels (debugging)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one per process side by side)")
     p.add_argument("--out", default="benchmarks/out/fidelity.json")
@@ -338,18 +403,26 @@ def main(argv: list[str] | None = None) -> int:
     if not a.data:
         p.error("--data is required (or --report)")
     torch.set_num_threads(a.threads)
-    b = Budget(train_rows=a.train_rows, eval_rows=a.eval_rows, epochs=a.epochs)
-    only = set(a.only.split(",")) if a.only else None
-    outs = []
+    b = Budget(train_rows=a.train_rows, eval_rows=a.eval_rows, epochs=a.epochs, patience=a.patience,
+               batch_size=a.batch_size, lrs=tuple(float(x) for x in a.lrs.split(",")))
+    subset = {"paper": PAPER, "core": CORE, "all": None}[a.rows]
+    only = set(a.only.split(",")) if a.only else (None if subset is None else subset | set(RETRIEVAL) | {KARMA_SIM_ROW})
+    parts = tuple(x.strip() for x in a.parts.split(","))
+    if unknown := set(parts) - {"ranking", "retrieval"}:
+        p.error(f"--parts: unknown {sorted(unknown)}; use ranking, retrieval")
+    outs: list[dict] = []
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    save = lambda extra=(): Path(a.out).write_text(json.dumps([*outs, *extra], indent=1, default=float))  # noqa: E731
+    t0 = time.perf_counter()
     for d in a.data:
         root = Path(d)
         if not (root / "feature_spec.json").exists():
             p.error(f"{root}: no processed data (run `python -m jobs.ingest` first)")
-        out = run_dataset(root, list(range(a.seeds)), b, only)
+        out = run_dataset(root, list(range(a.seeds)), b, only, parts, on_seed=lambda partial: save([partial]))
         outs.append(out)
+        save()
         print(report(out), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(outs, indent=1, default=float))
+    print(f"[fidelity] wall time {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
 

@@ -77,7 +77,7 @@ def build_model(name: str, spec: FeatureSpec, params: dict[str, Any] | None = No
         return _two_tower(name, spec, params, tiny)
     if name.startswith("adaf2m2:"):
         base_name = name.split(":", 1)[1]
-        base = build_model(base_name, spec, params.pop("base", None), tiny)
+        base = build_model(base_name, spec, params.pop("base", None), tiny)  # its output bias starts at logit(rate)
         ada = params.pop("adaf2m2", None)
         if params:
             raise ValueError(f"model.params: unknown key(s) {sorted(params)} for {name}; use 'base' and 'adaf2m2'")
@@ -87,7 +87,10 @@ def build_model(name: str, spec: FeatureSpec, params: dict[str, Any] | None = No
         raise ValueError(f"unknown model {name!r}; known: {sorted(RANKING)}, adaf2m2:<base>, two_tower, karma")
     cls = RANKING[name]
     cfg = make_config(cls.Config, params, f"model.params ({name})") if params or not tiny else cls.Config.tiny()
-    return cls(spec, cfg)
+    model = cls(spec, cfg)
+    if spec.label_rate is not None:
+        model.init_output_bias(spec.label_rate)
+    return model
 
 
 __all__ = [

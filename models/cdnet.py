@@ -4,16 +4,24 @@ Notation: B batch, L behaviors, D token dim, Db = 3·D a behavior (item ⊕ cate
 S similarity dim, k = ceil(ratio · valid_len) core behaviors (k_max = ceil(ratio · L)),
 F context fields, n_bins similarity intervals.
 
-1. Similarity (§3.1): s_j = cos(P_t e_target, P_b e_j) ∈ [-1, 1] for every behavior j.
+1. Similarity (§3.1): s_j = cos(P e_target, P e_j) ∈ [-1, 1] for every behavior j, with ONE
+   shared, bias-free projection P: "the similarity between the feature representation of
+   the target item and that of each historical behavior" — the same representation on both
+   sides, so a behavior identical to the target scores exactly 1 from the first step (two
+   unrelated projections with biases made the cosine a near-constant at init: core
+   selection was close to random and the histogram filled one or two bins).
 2. Core behaviors (eq. 2–3): the top-k behaviors by s with k = ceil(ratio · valid_len),
    clamped to [1, valid_len]; padding is never selected. Straight-through estimator:
-   forward uses the hard 0/1 top-k mask, backward the gradient of a soft score,
-   mask = hard + soft − sg(soft) with soft = σ((s − s_(k)) / τ), s_(k) the k-th
-   largest score (detached) — our reading of "a differentiable probabilistic
-   approximation" of the mask, whose equation was lost in extraction. Only the
-   k selected behaviors become tokens, so the interaction cost is O((k + 1 + F)²),
-   independent of L; the gradient reaches the similarity projections through the
-   selected behaviors' soft scores.
+   "in the forward pass, a discrete mask is applied to the sequence ... during the backward
+   pass ... we treat the mask as a differentiable probabilistic approximation to ensure that
+   model parameters are updated based on all behaviors in the user sequence". The mask is
+   m = hard + soft − sg(soft), soft = σ((s − s_(k)) / (τ · spread)), s_(k) the k-th largest
+   score and spread the row's std of valid scores (both detached), so τ is relative to the
+   row's own score scale. Only the k selected behaviors become tokens (interaction cost
+   O((k + 1 + F)²), independent of L); the masked behaviors that are not selected are
+   exactly zero in the forward pass and are added to the core tokens as that zero, so in the
+   backward pass each of them receives the core tokens' mean gradient through its soft mask:
+   the gradient reaches all L behaviors' scores (eq. 3's "all behaviors"), not only the k.
 3. Interest distribution (§3.2, eq. 4): counts of s in `bins` equal intervals of
    [-1, 1] over the whole valid sequence, divided by the valid length, embedded
    into one token.
@@ -36,13 +44,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RankingModel
-from models.layers import MLP, Embedded, FieldEmbedding, TransformerBlock, masked_mean
+from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, TransformerBlock, masked_mean
 from models.spec import FeatureSpec
 
 
 @dataclass
 class CDNetConfig:
     embed_dim: int = 16
+    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
     sim_dim: int = 32
     topk_ratio: float = 0.1
     bins: int = 10
@@ -51,7 +60,7 @@ class CDNetConfig:
     ffn_mult: int = 2
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     dropout: float = 0.0
-    tau: float = 0.1  # temperature of the soft mask used by the STE backward
+    tau: float = 0.5  # temperature of the soft mask used by the STE backward, in units of the row's score std
     use_core: bool = True
     use_distribution: bool = True
     full_sequence: bool = False
@@ -77,8 +86,8 @@ def select_core(sim: Tensor, mask: Tensor, ratio: float, tau: float) -> tuple[Te
     """Top-k behaviors with a straight-through mask.
 
     sim (B, L), mask (B, L) → idx (B, k_max) positions sorted by score, selected
-    (B, k_max) bool (rank < k of the row), ste (B, L): 1.0 at selected positions in
-    the forward pass, d soft in the backward pass.
+    (B, k_max) bool (rank < k of the row), ste (B, L): 1.0 at selected positions and 0.0
+    elsewhere in the forward pass, d soft in the backward pass at every valid position.
     """
     L = sim.shape[1]
     k = core_counts(mask.sum(1), ratio)  # (B,)
@@ -89,8 +98,25 @@ def select_core(sim: Tensor, mask: Tensor, ratio: float, tau: float) -> tuple[Te
     hard = torch.zeros_like(sim).scatter(1, idx, selected.to(sim.dtype))  # (B, L)
     thr = top_val.gather(1, (k - 1).clamp_min(0)[:, None]).detach()  # the k-th largest score
     thr = torch.where(torch.isfinite(thr), thr, torch.zeros_like(thr))
-    soft = torch.sigmoid((sim - thr) / tau) * mask
+    m = mask.to(sim.dtype)
+    n = m.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (sim * m).sum(1, keepdim=True) / n
+    spread = (((sim - mean) * m).pow(2).sum(1, keepdim=True) / n).sqrt().detach().clamp_min(1e-3)  # (B, 1)
+    soft = torch.sigmoid((sim - thr) / (tau * spread)) * m
     return idx, selected, hard + soft - soft.detach()
+
+
+def core_behaviors(seq: Tensor, mask: Tensor, sim: Tensor, ratio: float, tau: float) -> tuple[Tensor, Tensor]:
+    """seq (B, L, Db), mask (B, L), sim (B, L) → the k_max core slots (B, k_max, Db) (rows past a
+    row's k are padding) and their (B, k_max) validity. Forward: exactly the selected behaviors.
+    Backward: every valid behavior's soft mask gets a gradient (eq. 3), see the module docstring."""
+    idx, selected, ste = select_core(sim, mask, ratio, tau)
+    masked = seq * ste.unsqueeze(-1)  # (B, L, Db): the discrete mask applied to the sequence
+    chosen = masked.gather(1, idx.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))  # (B, k_max, Db)
+    rest = torch.ones_like(ste).scatter(1, idx, (~selected).to(ste.dtype))  # (B, L): 1 where not selected
+    spill = (masked * rest.unsqueeze(-1)).sum(1, keepdim=True)  # (B, 1, Db): 0 in the forward pass
+    n_core = selected.sum(1, keepdim=True).clamp_min(1).unsqueeze(-1)  # (B, 1, 1)
+    return chosen + selected.unsqueeze(-1) * spill / n_core, selected
 
 
 def interest_histogram(sim: Tensor, mask: Tensor, bins: int) -> Tensor:
@@ -106,9 +132,8 @@ class CDNet(RankingModel):
         super().__init__()
         self.spec, self.cfg = spec, cfg
         d, db = cfg.embed_dim, 3 * cfg.embed_dim
-        self.embedding = FieldEmbedding(spec, d)
-        self.proj_target = nn.Linear(db, cfg.sim_dim)
-        self.proj_behavior = nn.Linear(db, cfg.sim_dim)
+        self.embedding = FieldEmbedding(spec, d, cfg.id_dropout)
+        self.proj_sim = nn.Linear(db, cfg.sim_dim, bias=False)  # P: one projection for target and behaviors
         self.behavior_token = nn.Linear(db, d)
         self.dist_token = nn.Linear(cfg.bins, d)
         n_types = 2 + spec.num_fields  # core, distribution, one per context field
@@ -119,18 +144,16 @@ class CDNet(RankingModel):
 
     def similarity(self, emb: Embedded) -> Tensor:
         """(B, L) cosine similarity of the target to every behavior (0 at padding)."""
-        q = F.normalize(self.proj_target(emb.target()), dim=-1)  # (B, S)
-        k = F.normalize(self.proj_behavior(emb.seq), dim=-1)  # (B, L, S)
+        q = F.normalize(self.proj_sim(emb.target()), dim=-1)  # (B, S)
+        k = F.normalize(self.proj_sim(emb.seq), dim=-1)  # (B, L, S)
         return torch.einsum("bs,bls->bl", q, k) * emb.seq_mask
 
     def core_tokens(self, emb: Embedded, sim: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T_core, D) behavior tokens and (B, T_core) padding flags."""
         if self.cfg.full_sequence:
             return self.behavior_token(emb.seq), ~emb.seq_mask
-        idx, selected, ste = select_core(sim, emb.seq_mask, self.cfg.topk_ratio, self.cfg.tau)
-        chosen = emb.seq.gather(1, idx.unsqueeze(-1).expand(-1, -1, emb.seq.shape[-1]))  # (B, k_max, Db)
-        chosen = chosen * ste.gather(1, idx).unsqueeze(-1)  # ×1 forward; carries d soft backward
-        return self.behavior_token(chosen), ~selected
+        chosen, selected = core_behaviors(emb.seq, emb.seq_mask, sim, self.cfg.topk_ratio, self.cfg.tau)
+        return self.behavior_token(chosen), ~selected  # (B, k_max, D)
 
     def tokens(self, emb: Embedded) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
         """Interaction input: tokens (B, T, D), padding (B, T), token types (T,), and the
@@ -158,7 +181,7 @@ class CDNet(RankingModel):
         types.append(2 + torch.arange(n_f))
         return torch.cat(tokens, 1), torch.cat(pads, 1), torch.cat(types).to(emb.fields.device), layout
 
-    def interact(self, emb: Embedded) -> Tensor:
+    def interact(self, emb: Embedded) -> ModelOutput:
         """fields (B, F, D), behaviors (B, L, Db) → logits (B,); T = k_max + 1 + F tokens through the Transformer."""
         x, pad, ty, layout = self.tokens(emb)  # (B, T, D), T = k_max + 1 + F
         for blk in self.blocks:
@@ -167,4 +190,4 @@ class CDNet(RankingModel):
         core_out = masked_mean(x[:, :n_core], ~pad[:, :n_core]) if n_core else x.new_zeros(B, d)
         dist_out = x[:, n_core] if layout["distribution"] else x.new_zeros(B, d)
         ctx_out = x[:, n_core + layout["distribution"]:].flatten(1)
-        return self.head(torch.cat([core_out, dist_out, ctx_out], -1)).squeeze(-1)
+        return ModelOutput(self.head(torch.cat([core_out, dist_out, ctx_out], -1)).squeeze(-1))

@@ -5,16 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from models.base import RankingModel
-from models.layers import MLP, CrossLayerV2, Embedded, FieldEmbedding, TargetAttention, masked_mean
+from models.layers import (
+    MLP,
+    CrossLayerV2,
+    Embedded,
+    FieldEmbedding,
+    ModelOutput,
+    TargetAttention,
+    masked_mean,
+)
 from models.spec import FeatureSpec
 
 
 @dataclass
 class DCNv2Config:
     embed_dim: int = 16
+    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
     cross_layers: int = 3
     cross_rank: int = 0  # 0 = full-rank W
     hidden: list[int] = field(default_factory=lambda: [256, 128])
@@ -35,7 +44,7 @@ class DCNv2(RankingModel):
     def __init__(self, spec: FeatureSpec, cfg: DCNv2Config):
         super().__init__()
         self.spec, self.cfg = spec, cfg
-        self.embedding = FieldEmbedding(spec, cfg.embed_dim)
+        self.embedding = FieldEmbedding(spec, cfg.embed_dim, cfg.id_dropout)
         db = 3 * cfg.embed_dim
         d0 = spec.num_fields * cfg.embed_dim + db
         self.attention = TargetAttention(db) if cfg.sequence == "din" else None
@@ -43,7 +52,7 @@ class DCNv2(RankingModel):
         self.deep = MLP(d0, cfg.hidden, None, cfg.dropout)
         self.head = nn.Linear(d0 + self.deep.d_out, 1)
 
-    def interact(self, emb: Embedded) -> Tensor:
+    def interact(self, emb: Embedded) -> ModelOutput:
         """fields (B, F, D), behaviors (B, L, Db) → logits (B,); x0 = fields ⊕ pooled behaviors (B, F·D + Db)."""
         pooled = (self.attention(emb.target(), emb.seq, emb.seq_mask) if self.attention is not None
                   else masked_mean(emb.seq, emb.seq_mask))
@@ -51,4 +60,4 @@ class DCNv2(RankingModel):
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
-        return self.head(torch.cat([x, self.deep(x0)], -1)).squeeze(-1)
+        return ModelOutput(self.head(torch.cat([x, self.deep(x0)], -1)).squeeze(-1))

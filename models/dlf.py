@@ -17,13 +17,17 @@ Per layer, with X_l (B, n_l, D) and X_0 the input embeddings:
   (eq. 14) and added to the block's own output, which "preserves the original
   block-specific outputs" (eq. 15) without doubling the token count. F_l = the
   fused blocks concatenated.
-- gated residual (eq. 9): X_{l+1} = LN(F_l + (σ(R(X_l) W_g) + ε) ⊙ R(X_l)), R a learned
-  token-count projection n_l → n_{l+1} (identity when equal).
-Head: flatten X_L → MLP → logit.
+- gated residual (eq. 9): X_{l+1} = F_l + (σ(R(X_l) W_g) + ε) ⊙ R(X_l), R a learned
+  token-count projection n_l → n_{l+1} (identity when equal). A LayerNorm after the sum is
+  in neither eq. 9 nor DESIGN.md: `post_norm` (default off, the paper) adds it.
+Head: flatten X_L → MLP → logit (`head="mlp"`), or eq. 16's "fully connected layer followed
+by a sigmoid" (`head="linear"`: one FC layer).
 
 Ablations: `use_gate=False` (plain residual), `use_rli=False` (the low-order block
-interacts with X_l instead of X_0: no X_0 path), `use_naf=False` (F_l = plain
-concatenation of the blocks).
+interacts with X_l instead of X_0: no X_0 path), `use_naf=False` — the paper's ablation
+(§4.4): "the model without the NAF block, where fusion is only performed in the final layer
+as in traditional two-stream models": every layer but the last concatenates its blocks,
+the last one fuses them with NAF.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RankingModel
-from models.layers import MLP, Embedded, FieldEmbedding, masked_mean
+from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, masked_mean
 from models.spec import FeatureSpec
 
 
 @dataclass
 class DLFConfig:
     embed_dim: int = 16
+    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
     layers: int = 3
     rank: int = 24
     n_low: int = 16
@@ -55,6 +60,12 @@ class DLFConfig:
     use_gate: bool = True
     use_rli: bool = True
     use_naf: bool = True
+    post_norm: bool = False  # LayerNorm after the gated residual (not in eq. 9)
+    head: str = "mlp"  # "mlp" | "linear" (eq. 16: one fully connected layer)
+
+    def __post_init__(self):
+        if self.head not in ("mlp", "linear"):
+            raise ValueError(f"DLF head must be 'mlp' or 'linear', got {self.head!r}")
 
     @classmethod
     def tiny(cls) -> DLFConfig:
@@ -108,7 +119,7 @@ class NAF(nn.Module):
 
 
 class DLFLayer(nn.Module):
-    def __init__(self, n_in: int, n0: int, cfg: DLFConfig):
+    def __init__(self, n_in: int, n0: int, cfg: DLFConfig, fuse: bool):
         super().__init__()
         d = cfg.embed_dim
         self.cfg = cfg
@@ -116,11 +127,11 @@ class DLFLayer(nn.Module):
         self.low = InteractionBlock(n_a_low, n_in, d, cfg.rank, cfg.n_low, cfg.block_hidden, cfg.dropout)
         self.high = InteractionBlock(n_in, n_in, d, cfg.rank, cfg.n_high, cfg.block_hidden, cfg.dropout)
         self.implicit = MLP(n_in * d, cfg.block_hidden, cfg.n_implicit * d, cfg.dropout)
-        self.naf = NAF(d, cfg.heads) if cfg.use_naf else None
+        self.naf = NAF(d, cfg.heads) if fuse else None
         self.n_out = cfg.n_low + cfg.n_high + cfg.n_implicit
         self.resize = nn.Linear(n_in, self.n_out, bias=False) if n_in != self.n_out else None
         self.gate = nn.Linear(d, d) if cfg.use_gate else None
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d) if cfg.post_norm else None
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         """x (B, n_in, D), x0 (B, n_0, D) → (B, n_out, D)."""
@@ -134,7 +145,8 @@ class DLFLayer(nn.Module):
         r = self.resize(x.transpose(1, 2)).transpose(1, 2) if self.resize is not None else x  # R(X_l)
         if self.gate is not None:
             r = (torch.sigmoid(self.gate(r)) + self.cfg.gate_eps) * r  # eq. 9
-        return self.norm(f + r)
+        out = f + r
+        return self.norm(out) if self.norm is not None else out
 
 
 class DLF(RankingModel):
@@ -146,21 +158,21 @@ class DLF(RankingModel):
             raise ValueError(f"embed_dim {cfg.embed_dim} must be divisible by heads {cfg.heads}")
         self.spec, self.cfg = spec, cfg
         d = cfg.embed_dim
-        self.embedding = FieldEmbedding(spec, d)
+        self.embedding = FieldEmbedding(spec, d, cfg.id_dropout)
         self.seq_token = nn.Linear(3 * d, d)
         n0 = spec.num_fields + 1
         layers, n = [], n0
-        for _ in range(cfg.layers):
-            layers.append(DLFLayer(n, n0, cfg))
+        for i in range(cfg.layers):
+            layers.append(DLFLayer(n, n0, cfg, fuse=cfg.use_naf or i == cfg.layers - 1))
             n = layers[-1].n_out
         self.layers = nn.ModuleList(layers)
-        self.head = MLP(n * d, cfg.hidden, 1, cfg.dropout)
+        self.head = MLP(n * d, cfg.hidden if cfg.head == "mlp" else [], 1, cfg.dropout)
 
-    def interact(self, emb: Embedded) -> Tensor:
+    def interact(self, emb: Embedded) -> ModelOutput:
         """fields (B, F, D), behaviors (B, L, Db) → logits (B,); X_0 = fields ⊕ pooled behaviors (B, F + 1, D)."""
         seq = self.seq_token(masked_mean(emb.seq, emb.seq_mask)).unsqueeze(1)  # (B, 1, D)
         x0 = torch.cat([emb.fields, seq], 1)  # (B, n_0, D)
         x = x0
         for layer in self.layers:
             x = layer(x, x0)
-        return self.head(x.flatten(1)).squeeze(-1)
+        return ModelOutput(self.head(x.flatten(1)).squeeze(-1))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.spec import ITEM_FIELDS, SEQ_FIELDS, FeatureSpec
+from models.spec import ITEM_FIELDS, RATE_EPS, SEQ_FIELDS, FeatureSpec
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ModelOutput:
     aux:         named scalar loss terms that need no labels (e.g. LREA's non-negativity).
     aux_logits:  named (B, k) logits of auxiliary predictions on augmented copies of each
                  sample, sample-major: column j of row b belongs to sample b, so its label
-                 is labels[b] (AdaF2M2's masked forwards).
+                 is labels[b] (AdaF2M2's masked forwards); the loss sums over the k copies.
     main_loss:   set by models whose main objective is not BCE on `logits` (retrieval:
                  KARMA's action loss, the two-tower's sampled softmax); then logits are scores.
     """
@@ -52,43 +52,72 @@ class Embedded:
         """(B, Db): the target item as item ⊕ category ⊕ brand field embeddings."""
         return self.fields[:, list(self.target_index)].flatten(1)
 
-    def with_fields(self, fields: Tensor) -> Embedded:
-        return Embedded(fields, self.seq, self.seq_mask, self.target_index, self.seq_cat, self.target_cat)
+    def with_fields(self, fields: Tensor, seq: Tensor | None = None) -> Embedded:
+        """The same batch with new field tokens (and, if given, new behavior embeddings)."""
+        return Embedded(fields, self.seq if seq is None else seq, self.seq_mask, self.target_index, self.seq_cat,
+                        self.target_cat)
 
-    def repeat_interleave(self, fields: Tensor, k: int) -> Embedded:
-        """k copies per sample, sample-major (row b·k + j is copy j of sample b), with new fields."""
+    def repeat_interleave(self, fields: Tensor, k: int, seq: Tensor | None = None) -> Embedded:
+        """k copies per sample, sample-major (row b·k + j is copy j of sample b), with new fields
+        (B·k, F, D) and, if given, new behaviors (B·k, L, Db)."""
         rep = lambda x: None if x is None else x.repeat_interleave(k, dim=0)  # noqa: E731
-        return Embedded(fields, rep(self.seq), rep(self.seq_mask), self.target_index, rep(self.seq_cat),
-                        rep(self.target_cat))
+        return Embedded(fields, rep(self.seq) if seq is None else seq, rep(self.seq_mask), self.target_index,
+                        rep(self.seq_cat), rep(self.target_cat))
 
 
 class FieldEmbedding(nn.Module):
-    """Categorical fields → embedding rows; numeric fields → x'·w_f + b_f with
-    x' = log1p(max(x, 0)) where the spec says so (counts), else x; behaviors share
-    the target item's item/category/brand tables."""
+    """Categorical fields → embedding rows; numeric fields → z·w_f + b_f with
+    z = (t_f(x) − mean_f) / std_f, t_f = log1p(max(x, 0)) for counts, logit(clip(x)) for rates
+    (`models.spec.numeric_transform`), mean/std of t_f(x) over the train split (the spec's
+    `numeric_stats`, from feature_spec.json): every numeric input arrives at unit scale, in
+    training and in serving alike. Behaviors share the target item's item/category/brand tables.
 
-    def __init__(self, spec: FeatureSpec, dim: int):
+    Fields in `spec.unpadded` (hour, day of week) have no padding row: their 0 is a value.
+    `id_dropout`: in training, each id of `spec.id_fields` (user, item) is replaced by the OOV
+    id 1 with this probability, so the OOV row — what every user or item unseen in train maps
+    to at test and serving time — is trained rather than left at its random init."""
+
+    def __init__(self, spec: FeatureSpec, dim: int, id_dropout: float = 0.0):
         super().__init__()
-        self.spec, self.dim = spec, dim
-        self.tables = nn.ModuleDict({n: nn.Embedding(v, dim, padding_idx=0) for n, v in spec.categorical.items()})
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {id_dropout}")
+        self.spec, self.dim, self.id_dropout = spec, dim, id_dropout
+        self.tables = nn.ModuleDict({n: nn.Embedding(v, dim, padding_idx=None if n in spec.unpadded else 0)
+                                     for n, v in spec.categorical.items()})
         n_num = len(spec.numeric)
         self.num_w = nn.Parameter(torch.randn(n_num, dim) * 0.1)
         self.num_b = nn.Parameter(torch.zeros(n_num, dim))
-        self.register_buffer("log_mask", torch.tensor([t == "log1p" for t in spec.numeric.values()]), persistent=False)
-        for t in self.tables.values():
+        kinds = list(spec.numeric.values())
+        mean, std = spec.standardiser()
+        self.register_buffer("log_mask", torch.tensor([t == "log1p" for t in kinds], dtype=torch.bool), persistent=False)
+        self.register_buffer("logit_mask", torch.tensor([t == "logit" for t in kinds], dtype=torch.bool), persistent=False)
+        self.register_buffer("num_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("num_std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        for n, t in self.tables.items():
             nn.init.normal_(t.weight, std=0.05)
-            with torch.no_grad():
-                t.weight[0].zero_()
+            if n not in spec.unpadded:
+                with torch.no_grad():
+                    t.weight[0].zero_()
         names = spec.fields
         self.target_index = tuple(names.index(f) for f in ITEM_FIELDS)
 
     def numeric(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B, n_num) transformed numeric values."""
+        """(B, n_num) transformed and standardised numeric values."""
         x = torch.stack([batch[n].float() for n in self.spec.numeric], dim=1)
-        return torch.where(self.log_mask, torch.log1p(x.clamp_min(0)), x)
+        p = x.clamp(RATE_EPS, 1.0 - RATE_EPS)
+        x = torch.where(self.log_mask, torch.log1p(x.clamp_min(0)), torch.where(self.logit_mask, torch.logit(p), x))
+        return (x - self.num_mean) / self.num_std
+
+    def ids(self, name: str, batch: dict[str, Tensor]) -> Tensor:
+        """The id column, with id-to-OOV dropout in training for the spec's id fields (not padding)."""
+        x = batch[name]
+        if self.training and self.id_dropout > 0 and name in self.spec.id_fields:
+            drop = (torch.rand(x.shape, device=x.device) < self.id_dropout) & (x > 0)
+            x = torch.where(drop, torch.ones_like(x), x)
+        return x
 
     def forward(self, batch: dict[str, Tensor]) -> Embedded:
-        cats = [self.tables[n](batch[n]) for n in self.spec.categorical]  # F_cat × (B, D)
+        cats = [self.tables[n](self.ids(n, batch)) for n in self.spec.categorical]  # F_cat × (B, D)
         num = self.numeric(batch).unsqueeze(-1) * self.num_w + self.num_b  # (B, n_num, D)
         fields = torch.cat([torch.stack(cats, dim=1), num], dim=1)  # (B, F, D)
         seq = torch.cat([self.tables[f](batch[s]) for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1)  # (B, L, Db)
@@ -125,19 +154,26 @@ class MLP(nn.Module):
 
 
 class TargetAttention(nn.Module):
-    """DIN's local activation unit: a = MLP([q, k, q−k, q⊙k]) per behavior; softmax over
-    valid positions (Zhou et al., 2018); pooled = Σ a_j k_j. Rows with no behavior pool to 0."""
+    """DIN's local activation unit: a = MLP([q, k, q−k, q⊙k]) per behavior; pooled = Σ a_j k_j.
+    `normalize="softmax"`: a softmax over the valid positions; `"none"`: the raw weights, as in
+    the DIN paper (Zhou et al., 2018, §4.3: "normalization with softmax on the output of a(·)
+    is abandoned ... to reserve the intensity of user interests"). Rows with no behavior pool to 0."""
 
-    def __init__(self, d: int, hidden: list[int] | None = None):
+    def __init__(self, d: int, hidden: list[int] | None = None, normalize: str = "softmax"):
         super().__init__()
+        if normalize not in ("softmax", "none"):
+            raise ValueError(f"attention normalize must be 'softmax' or 'none', got {normalize!r}")
         self.score = MLP(4 * d, hidden or [64, 32], 1)
+        self.normalize = normalize
 
     def forward(self, q: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         """q (B, E), keys (B, L, E), mask (B, L) → (B, E)."""
         qq = q.unsqueeze(1).expand_as(keys)
         s = self.score(torch.cat([qq, keys, qq - keys, qq * keys], -1)).squeeze(-1)  # (B, L)
-        s = s.masked_fill(~mask, float("-inf"))
-        a = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-padding rows → 0
+        if self.normalize == "none":
+            a = s * mask.to(s.dtype)
+        else:
+            a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)  # all-padding rows → 0
         return torch.einsum("bl,ble->be", a, keys)
 
 

@@ -10,7 +10,8 @@ from models.layers import ModelOutput
 
 def loss_terms(out: ModelOutput, labels: Tensor | None = None) -> dict[str, Tensor]:
     """Named loss terms: "main" = BCE of the serving logits; each `aux` term as returned;
-    each `aux_logits` entry as BCE against the label of the sample it was made from."""
+    each `aux_logits` entry (B, k) as BCE against the label of the sample it was made from,
+    summed over the k copies and averaged over the batch (AdaF2M2 eq. 5: Σ_{i=1..k})."""
     if out.main_loss is not None:
         terms = {"main": out.main_loss}
         terms.update(out.aux)
@@ -19,7 +20,8 @@ def loss_terms(out: ModelOutput, labels: Tensor | None = None) -> dict[str, Tens
     terms = {"main": F.binary_cross_entropy_with_logits(out.logits.float(), y)}
     terms.update(out.aux)
     for name, lg in out.aux_logits.items():
-        terms[name] = F.binary_cross_entropy_with_logits(lg.float(), y.unsqueeze(-1).expand_as(lg))
+        bce = F.binary_cross_entropy_with_logits(lg.float(), y.unsqueeze(-1).expand_as(lg), reduction="none")
+        terms[name] = bce.sum(-1).mean()
     return terms
 
 

@@ -37,7 +37,8 @@ from models.spec import FeatureSpec
 @dataclass
 class LREAConfig:
     embed_dim: int = 16
-    rank: int = 32
+    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
+    rank: int = 64  # the paper's best range is 64–128 (32 its worst)
     attention_hidden: int = 64
     negative_slope: float = 0.01
     lam: float = 0.3  # λ of eq. 11
@@ -47,6 +48,21 @@ class LREAConfig:
     @classmethod
     def tiny(cls) -> LREAConfig:
         return cls(embed_dim=8, rank=4, attention_hidden=8, hidden=[16])
+
+
+def recency_buckets(L: int, r: int) -> tuple[Tensor, Tensor]:
+    """The initial (W_comp (L, r), W_decomp (r, L)): r contiguous recency buckets of the L positions,
+    W_comp[j, b] = 1/|b| for j in bucket b (E_comp's column b = the mean of bucket b's behaviors),
+    W_decomp[b, j] = 1 (each position reads its bucket's mean back). Non-negative, so training starts
+    where the absorbed path (eq. 9) is exact, and W_comp W_decomp is block-diagonal of rank min(r, L):
+    attention can tell behaviors of different buckets apart from step 0. (A uniform positive
+    init makes W_comp W_decomp a rank-1 average: every ẽ_j equal, so LREA starts — and stays —
+    a sum-pool.) With r > L the extra buckets are empty (zero columns and rows)."""
+    w_comp, w_decomp = torch.zeros(L, r), torch.zeros(r, L)
+    for b, pos in enumerate(torch.arange(L).tensor_split(min(r, L))):
+        w_comp[pos, b] = 1.0 / len(pos)
+        w_decomp[b, pos] = 1.0
+    return w_comp, w_decomp
 
 
 @dataclass
@@ -66,10 +82,9 @@ class LREA(RankingModel):
         super().__init__()
         self.spec, self.cfg = spec, cfg
         L, r, h, db = spec.seq_len, cfg.rank, cfg.attention_hidden, 3 * cfg.embed_dim
-        self.embedding = FieldEmbedding(spec, cfg.embed_dim)
-        # Non-negative starts: training begins where the absorbed path is exact.
-        self.w_comp = nn.Parameter(torch.rand(L, r) / L)
-        self.w_decomp = nn.Parameter(torch.rand(r, L) / r)
+        self.embedding = FieldEmbedding(spec, cfg.embed_dim, cfg.id_dropout)
+        w_comp, w_decomp = recency_buckets(L, r)
+        self.w_comp, self.w_decomp = nn.Parameter(w_comp), nn.Parameter(w_decomp)
         self.w1, self.w2, self.w3 = (nn.Linear(db, h, bias=False) for _ in range(3))
         self.w_o = nn.Linear(h, 1, bias=False)
         self.mlp = MLP(spec.num_fields * cfg.embed_dim + db, cfg.hidden, 1, cfg.dropout)
@@ -99,17 +114,12 @@ class LREA(RankingModel):
         """eq. 10, E_comp's term averaged over the batch."""
         return F.relu(-self.w_decomp).pow(2).sum() + F.relu(-e_comp).pow(2).sum((1, 2)).mean()
 
-    def interact(self, emb: Embedded) -> Tensor:
-        return self.forward_embedded(emb).logits
-
-    def forward_embedded(self, emb: Embedded) -> ModelOutput:
+    def interact(self, emb: Embedded) -> ModelOutput:
+        """fields (B, F, D), behaviors (B, L, Db) → logits (B,) and the aux term "non_neg" (eq. 10)."""
         e_s, e_comp = self.compress(emb.seq, emb.seq_mask)
         interest = self.interest_train(emb.target(), e_s, e_comp)
         logits = self.mlp(torch.cat([emb.fields.flatten(1), interest], -1)).squeeze(-1)
         return ModelOutput(logits, aux={"non_neg": self.non_negativity(e_comp)})
-
-    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
-        return self.forward_embedded(self.embed(batch))
 
     # ------------------------------------------------------------------ serving path (eq. 9)
 

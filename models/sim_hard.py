@@ -14,13 +14,14 @@ import torch
 from torch import Tensor
 
 from models.base import RankingModel
-from models.layers import MLP, Embedded, FieldEmbedding, TargetAttention
+from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, TargetAttention
 from models.spec import FeatureSpec
 
 
 @dataclass
 class SIMHardConfig:
     embed_dim: int = 16
+    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
     k: int = 50
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
@@ -48,14 +49,14 @@ class SIMHard(RankingModel):
     def __init__(self, spec: FeatureSpec, cfg: SIMHardConfig):
         super().__init__()
         self.spec, self.cfg = spec, cfg
-        self.embedding = FieldEmbedding(spec, cfg.embed_dim)
+        self.embedding = FieldEmbedding(spec, cfg.embed_dim, cfg.id_dropout)
         db = 3 * cfg.embed_dim
         self.attention = TargetAttention(db, cfg.attention_hidden)
         self.mlp = MLP(spec.num_fields * cfg.embed_dim + db, cfg.hidden, 1, cfg.dropout)
 
-    def interact(self, emb: Embedded) -> Tensor:
+    def interact(self, emb: Embedded) -> ModelOutput:
         """fields (B, F, D), behaviors (B, L, Db) + their category ids → logits (B,); attention over k ≤ L."""
         idx, ok = hard_search(emb.seq_cat, emb.seq_mask, emb.target_cat, self.cfg.k)
         kept = emb.seq.gather(1, idx.unsqueeze(-1).expand(-1, -1, emb.seq.shape[-1]))  # (B, k, Db)
         interest = self.attention(emb.target(), kept, ok)
-        return self.mlp(torch.cat([emb.fields.flatten(1), interest], -1)).squeeze(-1)
+        return ModelOutput(self.mlp(torch.cat([emb.fields.flatten(1), interest], -1)).squeeze(-1))

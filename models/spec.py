@@ -4,7 +4,10 @@ A ranking batch is a dict of tensors (B = batch size, L = long sequence length):
 
   categorical fields   (B,)   int64   one per `FeatureSpec.categorical` (user_idx, item_idx, cat_idx,
                                        brand_idx, profile ids, position, hour, dow); 0 = padding, 1 = OOV
-  numeric fields       (B,)   float32 one per `FeatureSpec.numeric` (past-only counters, CTRs, state)
+  numeric fields       (B,)   float32 one per `FeatureSpec.numeric` (past-only counters, CTRs, state), raw;
+                                       the model's field embedding transforms them (`numeric_transform`:
+                                       log1p for counts, log-odds for rates) and standardises them with
+                                       the train split's statistics (`FeatureSpec.numeric_stats`)
   hist_item_idx, hist_cat_idx, hist_brand_idx
                        (B, L) int64   the user's clicks strictly before ts, left-padded with 0,
                                        most recent last (pipeline.history.HistoryStore.gather)
@@ -14,6 +17,13 @@ A ranking batch is a dict of tensors (B = batch size, L = long sequence length):
 `FeatureSpec.from_json` reads the pipeline's feature_spec.json; `FeatureSpec.tiny`
 is the small spec the unit tests use. The spec is plain data: no torch, no I/O
 beyond reading that file.
+
+Numeric inputs (DESIGN.md "Numeric features reach the models standardised"): x' = log1p(max(x, 0))
+for counts, logit(clip(x)) for rates, x otherwise; then (x' − mean) / std with the mean and std
+of x' over the train split's rows, computed by the ingest (`numeric_moments`) and written in
+feature_spec.json, so training and serving transform alike. Categorical fields whose 0 is a
+value, not padding (hour 0, Monday), are listed in `unpadded`: their embedding has no frozen
+padding row.
 """
 
 from __future__ import annotations
@@ -22,8 +32,27 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 ITEM_FIELDS = ("item_idx", "cat_idx", "brand_idx")  # the target item; behaviors carry the same three
 SEQ_FIELDS = tuple(f"hist_{f}" for f in ITEM_FIELDS)
+TRANSFORMS = ("log1p", "logit", "none")
+RATE_EPS = 1e-4  # rates are clipped to [eps, 1 − eps] before the log-odds
+UNPADDED = ("hour", "dow")  # 0 is a value (midnight, Monday), not padding
+
+
+def numeric_transform(x: np.ndarray, kind: str) -> np.ndarray:
+    """The per-field transform before standardisation (NumPy; `FieldEmbedding.numeric` is the
+    same formula in torch, and a unit test holds the two equal)."""
+    x = np.asarray(x, dtype=np.float64)
+    if kind == "log1p":
+        return np.log1p(np.maximum(x, 0.0))
+    if kind == "logit":
+        p = np.clip(x, RATE_EPS, 1.0 - RATE_EPS)
+        return np.log(p / (1.0 - p))
+    if kind == "none":
+        return x
+    raise ValueError(f"unknown numeric transform {kind!r}; known: {TRANSFORMS}")
 
 
 @dataclass
@@ -36,11 +65,27 @@ class FeatureSpec:
         "active_7": "user_active_days_7", "active_30": "user_active_days_30",
         "user_count": "user_clicks_before", "item_count": "item_clicks_before"})
     id_fields: tuple[str, ...] = ("user_idx", "item_idx")
+    # name -> (mean, std) of the transformed value over the train split; missing = (0, 1)
+    numeric_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    label_rate: float | None = None  # train positive rate: the output bias starts at its logit
+    unpadded: tuple[str, ...] = UNPADDED
 
     def __post_init__(self):
         missing = [f for f in ITEM_FIELDS if f not in self.categorical]
         if missing:
             raise ValueError(f"feature spec lacks the target item field(s) {missing}")
+        bad = {k: t for k, t in self.numeric.items() if t not in TRANSFORMS}
+        if bad:
+            raise ValueError(f"unknown numeric transform(s) {bad}; known: {TRANSFORMS}")
+        self.id_fields, self.unpadded = tuple(self.id_fields), tuple(self.unpadded)
+        self.numeric_stats = {k: (float(m), float(s)) for k, (m, s) in self.numeric_stats.items()}
+        if self.label_rate is not None and not 0.0 < self.label_rate < 1.0:
+            raise ValueError(f"label_rate must be in (0, 1), got {self.label_rate}")
+
+    def standardiser(self) -> tuple[list[float], list[float]]:
+        """Per numeric field (in `numeric` order): the mean and the std (≥ 1e-6) to standardise with."""
+        stats = [self.numeric_stats.get(n, (0.0, 1.0)) for n in self.numeric]
+        return [m for m, _ in stats], [max(s, 1e-6) for _, s in stats]
 
     @property
     def fields(self) -> list[str]:
@@ -57,6 +102,8 @@ class FeatureSpec:
             categorical={k: v for k, v in self.categorical.items() if keep(k)},
             numeric={k: v for k, v in self.numeric.items() if keep(k)},
             seq_len=self.seq_len, short_len=self.short_len, state=dict(self.state), id_fields=self.id_fields,
+            numeric_stats={k: v for k, v in self.numeric_stats.items() if keep(k)}, label_rate=self.label_rate,
+            unpadded=self.unpadded,
         )
 
     def with_numeric(self, name: str, transform: str = "none") -> FeatureSpec:
@@ -74,6 +121,10 @@ class FeatureSpec:
             numeric={k: v.get("transform", "none") for k, v in raw["numeric"].items()},
             seq_len=int(seq["long_len"]),
             short_len=int(seq["short_len"]),
+            numeric_stats={k: (v["mean"], v["std"]) for k, v in raw["numeric"].items() if "mean" in v},
+            label_rate=raw.get("label_rate"),
+            unpadded=tuple(k for k, v in raw["categorical"].items() if v.get("padding") is False)
+            if any("padding" in v for v in raw["categorical"].values()) else UNPADDED,
         )
 
     @classmethod
@@ -82,7 +133,7 @@ class FeatureSpec:
             categorical={"user_idx": 40, "item_idx": 60, "cat_idx": 8, "brand_idx": 12, "u_age_idx": 6,
                          "position": 12, "hour": 24},
             numeric={"user_active_days_7": "log1p", "user_active_days_30": "log1p",
-                     "user_clicks_before": "log1p", "item_clicks_before": "log1p", "item_ctr": "none"},
+                     "user_clicks_before": "log1p", "item_clicks_before": "log1p", "item_ctr": "logit"},
             seq_len=seq_len,
             short_len=short_len,
         )

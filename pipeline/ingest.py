@@ -31,7 +31,9 @@ from pipeline.catalog import Catalog, FeatureTables, build_catalog, finalize
 from pipeline.examples import ExampleContext, annotate_user_events, assign_split, item_counters, numpy_frame
 from pipeline.outputs import (
     click_rows,
+    combine_moments,
     combine_summary,
+    numeric_moments,
     partial_summary,
     prepare_output,
     ranking_rows,
@@ -197,7 +199,7 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
     summary = combine_summary(partial_summary(fin)) | {
         "users": int(fin["user_key"].nunique()), "items": int(fin["item_key"].nunique())}
     return write_meta(out, plan, cat, summary, all_rejects["reason"].value_counts(), len(raw_events),
-                       len(acc) - len(dups), t_val, t_test, prior)
+                       len(acc) - len(dups), t_val, t_test, prior, combine_moments(numeric_moments(fin)))
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -286,4 +288,5 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
         [r.groupby("reason").count().to_pandas() for r in reject_sets if r.count()]
         or [pd.DataFrame({"reason": [], "count()": []})]
     ).groupby("reason")["count()"].sum()
-    return write_meta(out, plan, cat, summary, reasons, n_input, n_acc - n_dup, t_val, t_test, prior)
+    moments = combine_moments(fin.map_batches(numeric_moments, batch_format="pandas").to_pandas())
+    return write_meta(out, plan, cat, summary, reasons, n_input, n_acc - n_dup, t_val, t_test, prior, moments)

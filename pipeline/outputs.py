@@ -28,6 +28,42 @@ STATE_AND_COUNTERS = ("user_active_days_7", "user_active_days_30", "user_exposur
                       "user_ctr", "item_exposures_before", "item_clicks_before", "item_ctr", "item_age_days")
 
 
+# the numeric fields of a ranking row and their transform before standardisation
+# (models.spec.numeric_transform): counts log1p, click rates log-odds
+NUMERIC_FIELDS: dict[str, str] = {
+    "user_active_days_7": "log1p", "user_active_days_30": "log1p", "user_exposures_before": "log1p",
+    "user_clicks_before": "log1p", "item_exposures_before": "log1p", "item_clicks_before": "log1p",
+    "user_ctr": "logit", "item_ctr": "logit", "item_age_days": "log1p",
+}
+
+
+def numeric_moments(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-batch partial moments of the transformed numeric fields over the batch's TRAIN rows
+    (one row: n, sum_<f>, sq_<f>); summed over batches by `combine_moments`. Val and test rows
+    never move the statistics the models standardise with."""
+    from models.spec import numeric_transform
+
+    df = numpy_frame(df)
+    train = df["split"].to_numpy() == "train"
+    row: dict[str, float] = {"n": float(train.sum())}
+    for f, kind in NUMERIC_FIELDS.items():
+        x = numeric_transform(df[f].to_numpy()[train], kind)
+        row[f"sum_{f}"], row[f"sq_{f}"] = float(x.sum()), float(np.square(x).sum())
+    return pd.DataFrame([row])
+
+
+def combine_moments(parts: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """{field: (mean, std)} of the transformed numeric fields over all train rows."""
+    tot = numpy_frame(parts).sum()
+    n = max(float(tot["n"]), 1.0)
+    out = {}
+    for f in NUMERIC_FIELDS:
+        mean = float(tot[f"sum_{f}"]) / n
+        var = max(float(tot[f"sq_{f}"]) / n - mean * mean, 0.0)
+        out[f] = (mean, float(np.sqrt(var)))
+    return out
+
+
 def partial_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per-batch partial statistics of the examples, combined by `combine_summary`:
     rows and positives per (split, history length), and an order-independent hash."""
@@ -99,7 +135,8 @@ def prepare_output(cfg: FunnelConfig) -> Path:
 
 
 def write_meta(out: Path, plan: Plan, cat: Catalog, summary: dict[str, Any], reasons: pd.Series,
-                n_input: int, n_accepted: int, t_val: int, t_test: int, prior: float) -> dict[str, Any]:
+                n_input: int, n_accepted: int, t_val: int, t_test: int, prior: float,
+                moments: dict[str, tuple[float, float]]) -> dict[str, Any]:
     cfg = plan.cfg
     items = cat.items.copy()
     items["title_tokens"] = [list(map(int, t)) for t in items["title_tokens"]]
@@ -125,29 +162,30 @@ def write_meta(out: Path, plan: Plan, cat: Catalog, summary: dict[str, Any], rea
     if stats["input_rows"]["events"] != stats["accepted_events"] + stats["rejected_events"]:
         raise RuntimeError(f"rows lost: input {n_input} != accepted {n_accepted} + rejected {stats['rejected_events']}")
     write_json(out / "stats.json", stats)
-    write_json(out / "feature_spec.json", feature_spec(cat, cfg, summary["fingerprint"]))
+    write_json(out / "feature_spec.json", feature_spec(cat, cfg, summary["fingerprint"], moments, prior))
     write_json(out / "config.json", flatten(to_dict(cfg)))
     return stats
 
 
-def feature_spec(cat: Catalog, cfg: FunnelConfig, fp: str) -> dict[str, Any]:
+def feature_spec(cat: Catalog, cfg: FunnelConfig, fp: str, moments: dict[str, tuple[float, float]],
+                 label_rate: float) -> dict[str, Any]:
     d = cfg.data
     vs = cat.vocab_sizes
     cat_fields = {f: {"type": "categorical", "vocab_size": vs[f], "dtype": "int32"}
                   for f in ("user_idx", "item_idx", "cat_idx", "brand_idx", *cat.profile_fields)}
     cat_fields.update({
         "position": {"type": "categorical", "vocab_size": int(cfg.world.slate_size) + 2 if d.source == "simulator" else 256, "dtype": "int32", "note": "slate position + 1; 0 unknown"},
-        "hour": {"type": "categorical", "vocab_size": 24, "dtype": "int32"},
-        "dow": {"type": "categorical", "vocab_size": 7, "dtype": "int32"},
+        "hour": {"type": "categorical", "vocab_size": 24, "dtype": "int32", "padding": False},
+        "dow": {"type": "categorical", "vocab_size": 7, "dtype": "int32", "padding": False},
     })
-    numeric = {f: {"type": "numeric", "dtype": "int32", "transform": "log1p"} for f in (
-        "user_active_days_7", "user_active_days_30", "user_exposures_before", "user_clicks_before",
-        "item_exposures_before", "item_clicks_before")}
-    numeric.update({f: {"type": "numeric", "dtype": "float32", "transform": "none"} for f in ("user_ctr", "item_ctr")})
-    numeric["item_age_days"] = {"type": "numeric", "dtype": "float32", "transform": "log1p", "note": "-1 unknown"}
+    numeric = {f: {"type": "numeric", "dtype": "float32" if t == "logit" else "int32", "transform": t,
+                   "mean": moments[f][0], "std": moments[f][1]} for f, t in NUMERIC_FIELDS.items()}
+    numeric["item_age_days"] |= {"dtype": "float32", "note": "-1 unknown"}
     return {
         "fingerprint": fp,
         "label": "label",
+        "label_rate": label_rate,
+        "numeric_standardisation": "z = (transform(x) - mean) / std, mean/std over the train split's rows",
         "categorical": cat_fields,
         "numeric": numeric,
         "state_signals": ["user_active_days_7", "user_active_days_30", "user_clicks_before", "item_clicks_before"],
