@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from configs import ModelConfig, load_config
 from models import build_model
 from models.karma import KARMA, KARMAConfig
 from models.lrea import serving_gap
@@ -169,11 +170,13 @@ def _shuffled(batches: list, seed: int):
 
 
 def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, seed: int,
-             lr: float) -> tuple[torch.nn.Module, dict]:
+             lr: float, models: ModelConfig | None = None) -> tuple[torch.nn.Module, dict]:
     """Train until val AUC stops improving (patience, at most b.epochs); the best epoch's weights
-    are tested. Returns the model and test metrics + val AUC, lr, epochs, steps, seconds, curve."""
+    are tested. The model's params are its config section (`models`, the config's `model:`
+    sections, as every job builds it) with the row's `params` on top. Returns the model and test
+    metrics + val AUC, lr, epochs, steps, seconds, curve."""
     torch.manual_seed(seed)
-    model = build_model(name, spec, params or None)
+    model = build_model(name, spec, (models or ModelConfig()).params_for(name, params))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     evaluate = lambda split: ranking_metrics(predict_ranking(model, data[split], keep=STATE), **b.thresholds)  # noqa: E731
     t0 = time.perf_counter()
@@ -234,7 +237,8 @@ def run_retrieval(root: Path, cat: Catalogue, retr_b: RetrievalBatcher, b: Budge
 
 
 def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None = None,
-                parts: tuple[str, ...] = ("ranking", "retrieval"), on_seed=None) -> dict[str, Any]:
+                parts: tuple[str, ...] = ("ranking", "retrieval"), on_seed=None,
+                models: ModelConfig | None = None) -> dict[str, Any]:
     """Every row on every seed; `on_seed(partial result)` after each seed (the JSON is written as it goes)."""
     results: dict[str, list[dict]] = {}
     lrs: dict[str, float] = {}  # family -> the learning rate its sweep chose
@@ -261,12 +265,12 @@ def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None =
                 continue
             fam = family(name)
             if seed == seeds[0] and fam not in lrs:  # the family's sweep: every lr on the first seed, best val
-                fits = [fit_rank(name, params, rank_b.spec, data, b, seed, lr) for lr in b.lrs]
+                fits = [fit_rank(name, params, rank_b.spec, data, b, seed, lr, models) for lr in b.lrs]
                 model, m = max(fits, key=lambda f: f[1]["val_auc"])
                 lrs[fam] = m["lr"]
                 m["sweep"] = {f[1]["lr"]: round(f[1]["val_auc"], 5) for f in fits}
             else:
-                model, m = fit_rank(name, params, rank_b.spec, data, b, seed, lrs.get(fam, b.lr))
+                model, m = fit_rank(name, params, rank_b.spec, data, b, seed, lrs.get(fam, b.lr), models)
             if name == "lrea":
                 with torch.no_grad():
                     m |= serving_gap(model, data["test"][0])
@@ -277,7 +281,7 @@ def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None =
             kb = RankingBatcher(rank_b.spec, rank_b.history, b.seq_len, karma=karma, karma_len=b.karma_len)
             kdata = {s: _batches(kb, d, b.batch_size, f"karma_sim {s}") for s, d in df.items()}
             add(KARMA_SIM_ROW, fit_rank("dcnv2", {}, rank_b.spec.with_numeric("karma_sim"), kdata, b, seed,
-                                        lrs.get("dcnv2", b.lr))[1])
+                                        lrs.get("dcnv2", b.lr), models)[1])
         if on_seed is not None:
             on_seed(result(seeds[: seeds.index(seed) + 1]))
     return result(seeds)
@@ -380,6 +384,8 @@ def report(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", action="append", default=[], help="a processed data folder (repeatable)")
+    p.add_argument("--config", help="a YAML config whose model: sections the models are built from (default: "
+                                    "the models' own defaults, as in configs/small.yaml)")
     p.add_argument("--report", nargs="+", help="print the markdown of earlier --out JSON files, run nothing")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--train-rows", type=int, default=Budget.train_rows)
@@ -418,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(d)
         if not (root / "feature_spec.json").exists():
             p.error(f"{root}: no processed data (run `python -m jobs.ingest` first)")
-        out = run_dataset(root, list(range(a.seeds)), b, only, parts, on_seed=lambda partial: save([partial]))
+        out = run_dataset(root, list(range(a.seeds)), b, only, parts, on_seed=lambda partial: save([partial]),
+                          models=load_config(a.config).model if a.config else None)
         outs.append(out)
         save()
         print(report(out), flush=True)

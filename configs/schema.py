@@ -19,6 +19,17 @@ from typing import Any, Literal
 
 import yaml
 
+from models.adaf2m2 import AdaF2M2Config
+from models.cdnet import CDNetConfig
+from models.dcnv2 import DCNv2Config
+from models.din import DINConfig
+from models.dlf import DLFConfig
+from models.karma import KARMAConfig
+from models.lrea import LREAConfig
+from models.mean_pool import MeanPoolConfig
+from models.sim_hard import SIMHardConfig
+from models.two_tower import TwoTowerConfig
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
@@ -93,11 +104,45 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which model to train; each model's own typed config lives in models/."""
+    """Which model to train, and every model's own typed config as a section
+    (`model.cdnet.topk_ratio`, `model.adaf2m2.alpha`, ...): validated like every other key,
+    logged to MLflow with the rest of the config, and the one source `params_for` builds a
+    model's params from — for the demo, jobs.train, Tune and the fidelity report alike."""
 
     name: str = "cdnet"
-    embed_dim: int = 16
     preset: Literal["default", "tiny"] = "default"  # tiny: each model's smallest config (tests, the tiny world)
+    mean_pool: MeanPoolConfig = field(default_factory=MeanPoolConfig)
+    din: DINConfig = field(default_factory=DINConfig)
+    dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
+    sim_hard: SIMHardConfig = field(default_factory=SIMHardConfig)
+    cdnet: CDNetConfig = field(default_factory=CDNetConfig)
+    dlf: DLFConfig = field(default_factory=DLFConfig)
+    lrea: LREAConfig = field(default_factory=LREAConfig)
+    adaf2m2: AdaF2M2Config = field(default_factory=AdaF2M2Config)
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    karma: KARMAConfig = field(default_factory=KARMAConfig)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One model's config as a dict: its section, or its tiny preset when `preset` is tiny."""
+        sec = getattr(self, name, None) if name not in ("name", "preset") else None
+        if not dataclasses.is_dataclass(sec):
+            models = [f.name for f in dataclasses.fields(self) if f.name not in ("name", "preset")]
+            raise ConfigError(f"model {name!r} has no config section; known: {', '.join(models)}")
+        return dataclasses.asdict(type(sec).tiny() if self.preset == "tiny" else sec)
+
+    def params_for(self, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The full params of `name` for `models.build_model`: its section(s) with `overrides`
+        (a JSON `--params`, a Tune trial's knobs) on top; "adaf2m2:<base>" gives
+        {"base": <base's section>, "adaf2m2": <the adaf2m2 section>} (for the two-tower the
+        AdaF2M2 knobs are fields of its own section). Unknown override keys stay in, so that
+        `build_model` names them in its error."""
+        o = dict(overrides or {})
+        if not name.startswith("adaf2m2:"):
+            return self.section(name) | o
+        base = name.split(":", 1)[1]
+        ada = {} if base == "two_tower" else self.section("adaf2m2")
+        return {"base": self.section(base) | dict(o.pop("base", None) or {}),
+                "adaf2m2": ada | dict(o.pop("adaf2m2", None) or {}), **o}
 
 
 @dataclass

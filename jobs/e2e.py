@@ -36,10 +36,6 @@ def stage_ingest(cfg: FunnelConfig) -> dict:
     return {"fingerprint": stats["fingerprint"], "output": cfg.data.output}
 
 
-def _tiny(cfg: FunnelConfig) -> bool:
-    return cfg.model.preset == "tiny"
-
-
 def _funnel_models(cfg: FunnelConfig) -> list[str]:
     return [cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker]
 
@@ -57,7 +53,7 @@ def stage_train(cfg: FunnelConfig) -> dict:
         out = {}
         for m in models:
             print(f"[e2e] train {m}", flush=True)
-            out[m] = train_and_register(cfg, Path(cfg.data.output), m, None, tiny=_tiny(cfg))
+            out[m] = train_and_register(cfg, Path(cfg.data.output), m, cfg.model.params_for(m))
             print(f"[e2e]   {json.dumps(out[m])}", flush=True)
         return out
     import ray
@@ -66,7 +62,7 @@ def stage_train(cfg: FunnelConfig) -> dict:
     print(f"[e2e] train {', '.join(models)}: {lanes} at a time, {cfg.train.cpus_per_worker:.2f} CPU per worker",
           flush=True)
     fit_remote = ray.remote(num_cpus=0.01, max_retries=0)(train_and_register)
-    pending = {fit_remote.remote(cfg, Path(cfg.data.output), m, None, tiny=_tiny(cfg)): m for m in models[:lanes]}
+    pending = {fit_remote.remote(cfg, Path(cfg.data.output), m, cfg.model.params_for(m)): m for m in models[:lanes]}
     queue, out = list(models[lanes:]), {}
     while pending:
         [done], _ = ray.wait(list(pending))
@@ -75,7 +71,7 @@ def stage_train(cfg: FunnelConfig) -> dict:
         print(f"[e2e]   {json.dumps(out[m])}", flush=True)
         if queue:
             nxt = queue.pop(0)
-            pending[fit_remote.remote(cfg, Path(cfg.data.output), nxt, None, tiny=_tiny(cfg))] = nxt
+            pending[fit_remote.remote(cfg, Path(cfg.data.output), nxt, cfg.model.params_for(nxt))] = nxt
     return {m: out[m] for m in models}
 
 
@@ -103,9 +99,10 @@ def stage_tune(cfg: FunnelConfig) -> dict:
     from tune.run import finish, run_tune
 
     model = cfg.serve.ranker
-    table, best = run_tune(cfg, cfg.data.output, model, cfg.tune.num_samples)
+    base = cfg.model.params_for(model)  # the knobs are searched over the model's config section
+    table, best = run_tune(cfg, cfg.data.output, model, cfg.tune.num_samples, base)
     print(table.drop(columns=["checkpoint_path"], errors="ignore").to_string(index=False), flush=True)
-    return finish(cfg, cfg.data.output, model, table, best)
+    return finish(cfg, cfg.data.output, model, table, best, base)
 
 
 def stage_index(cfg: FunnelConfig) -> dict:

@@ -35,7 +35,7 @@ def train_and_register(cfg, data: Path, model_name: str, params: dict | None, ti
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
     model = task.build(model_name, params, tiny=tiny)
-    model.load_state_dict(state["best_model"])
+    model.load_state_dict(state["early_stopping"]["best_state"])
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     history = [{k: v for k, v in row.items() if not k.startswith("test_")} for row in history]
     final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "best_val_"))}
@@ -49,19 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     p = config_parser(__doc__)
     p.add_argument("--model", required=True, help="model name (see above)")
     p.add_argument("--data", help="processed data folder (default: data.output of the config)")
-    p.add_argument("--params", default="{}", help="the model's config as JSON; unknown keys are errors")
-    p.add_argument("--tiny", action="store_true", help="use the model's tiny preset (tests)")
+    p.add_argument("--params", default="{}",
+                   help="overrides of the model's config section (model.<name>) as JSON; unknown keys are errors")
+    p.add_argument("--tiny", action="store_true", help="use the model's tiny preset (tests): model.preset=tiny")
     args = p.parse_args(argv)
+    if args.tiny:
+        args.overrides = [*(args.overrides or []), "model.preset=tiny"]
     cfg = load(args)
     try:
-        params = json.loads(args.params) or None
+        overrides = json.loads(args.params) or None
     except json.JSONDecodeError as e:
         p.error(f"--params is not JSON: {e}")
+    params = cfg.model.params_for(args.model, overrides)
     data = Path(args.data or cfg.data.output)
     from training.tasks import task_from_config
 
     if (data / "feature_spec.json").exists():  # fail fast on a bad name or params, before Ray starts
-        task_from_config(args.model, data, cfg.train).build(args.model, params, tiny=args.tiny)
+        task_from_config(args.model, data, cfg.train).build(args.model, params)
     init_ray()
     if not (data / "feature_spec.json").exists():
         import dataclasses
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"[train] no processed data in {data}: running the ingest first", flush=True)
         run_ingest(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(data))))
-    print(json.dumps(train_and_register(cfg, data, args.model, params, tiny=args.tiny)))
+    print(json.dumps(train_and_register(cfg, data, args.model, params)))
     return 0
 
 

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples of the config)")
     p.add_argument("--data", help="processed data folder (default: data.output of the config)")
-    p.add_argument("--params", default="{}", help="fixed model params (JSON) the knobs are merged over")
+    p.add_argument("--params", default="{}",
+                   help="overrides of the model's config section (JSON); the knobs are searched over the result")
     args = p.parse_args(argv)
     cfg = load(args)
     data = Path(args.data or cfg.data.output)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from tune.spaces import space
 
     space(args.model)  # an unknown model fails before Ray starts
-    base = json.loads(args.params) or None
+    base = cfg.model.params_for(args.model, json.loads(args.params) or None)
     init_ray()
     table, best = run_tune(cfg, str(data), args.model, args.num_samples or cfg.tune.num_samples, base)
     print(table.drop(columns=["checkpoint_path"]).to_string(index=False))

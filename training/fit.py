@@ -1,11 +1,12 @@
-"""A plain-PyTorch fit loop for ranking models: epochs, validation each epoch, early
-stopping on val AUC, the best weights kept, test at the end. The Ray Train loop runs the
-same step and metrics; this one needs no Ray (benchmarks, GPU machines, notebooks).
+"""The one early-stopping rule (`EarlyStopping`) and a plain-PyTorch fit loop around it:
+epochs, validation each epoch, stop after `patience` epochs without a new best, the best
+weights kept, test at the end. The Ray Train loop (training/loop.py) runs the same step,
+metrics and `EarlyStopping` (its state travels in the checkpoint); this loop needs no Ray
+(benchmarks, GPU machines, notebooks).
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,6 +18,47 @@ from tqdm import tqdm
 from training.step import predict_ranking, ranking_metrics, to_device, train_step
 
 Batches = Callable[[], Iterable[dict[str, torch.Tensor]]]
+
+
+@dataclass
+class EarlyStopping:
+    """Keep the best epoch by a higher-is-better metric; stop after `patience` epochs without a
+    new best or after `max_epochs`. `state_dict()` / `load_state_dict()` carry it through a
+    checkpoint (a resumed fit continues where it stopped, with the best weights so far)."""
+
+    patience: int
+    max_epochs: int
+    epoch: int = 0  # epochs done
+    best: float = float("-inf")
+    best_epoch: int = -1
+    waited: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, value: float, model: nn.Module) -> bool:
+        """Record one finished epoch's metric; True when training should stop now."""
+        if value > self.best:
+            self.best, self.best_epoch, self.waited = value, self.epoch, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            self.waited += 1
+        self.epoch += 1
+        return self.done
+
+    @property
+    def done(self) -> bool:
+        return self.waited >= self.patience or self.epoch >= self.max_epochs
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "waited": self.waited,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("epoch", "best", "best_epoch", "waited", "best_state"):
+            setattr(self, k, state[k])
 
 
 @dataclass
@@ -34,7 +76,7 @@ def fit_early_stopping(model: nn.Module, train: Batches, evaluate: Callable[[], 
     """Train epochs; after each, `evaluate()` on validation data; keep the weights of the epoch
     with the best `metric` (higher is better) and stop after `patience` epochs without
     improvement. Returns (best epoch, per-epoch history); the model ends with the best weights."""
-    best, best_state, best_epoch, waited = float("-inf"), None, -1, 0
+    stopper = EarlyStopping(patience, epochs)
     history: list[dict[str, float]] = []
     for epoch in range(epochs):
         sums: dict[str, float] = {}
@@ -49,16 +91,10 @@ def fit_early_stopping(model: nn.Module, train: Batches, evaluate: Callable[[], 
         history.append(row)
         if on_epoch:
             on_epoch(row)
-        if row[f"val_{metric}"] > best:
-            best, best_epoch, waited = row[f"val_{metric}"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            waited += 1
-            if waited >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return best_epoch, history
+        if stopper.update(row[f"val_{metric}"], model):
+            break
+    stopper.restore_best(model)
+    return stopper.best_epoch, history
 
 
 def fit_ranking(model: nn.Module, train: Batches, val: Batches, test: Batches | None = None, *, epochs: int = 3,

@@ -44,6 +44,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from training.fit import EarlyStopping
     from training.step import to_device, train_step
     from training.tasks import task_from_config
 
@@ -57,20 +58,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    state = {"epoch": 0, "best": -1.0, "waited": 0, "best_model": None}
+    stopper = EarlyStopping(t.patience, t.epochs)
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
+    if ckpt:  # a restarted worker group resumes from the latest report
         with ckpt.as_directory() as d:
             saved = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
         _unwrap(model).load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        state = {k: saved[k] for k in state}
-    fail_at = config.get("fail_once_at_epoch")
+        stopper.load_state_dict(saved["early_stopping"])
 
-    for epoch in range(state["epoch"], t.epochs):
-        if fail_at is not None and epoch == fail_at and not ckpt_marker(config).exists():
-            ckpt_marker(config).touch()  # fail once, then never again
-            raise RuntimeError(f"injected failure at epoch {epoch} (test of resume-from-checkpoint)")
+    stop = stopper.done
+    while not stop:
+        epoch = stopper.epoch
         sums, n = {}, 0
         for b in _shard_batches("train", batcher, t.batch_size, True, t.seed + epoch):
             for k, v in train_step(model, to_device(b, device), opt, amp).items():
@@ -79,30 +78,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val = task.evaluate(model, _shard_batches("val", batcher, t.batch_size, False, 0), device, amp)
         metrics = {"epoch": epoch, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
                    **{f"val_{k}": v for k, v in val.items()}}
-        improved = val[metric] > state["best"]
-        state["best"] = max(state["best"], val[metric])
-        state["waited"] = 0 if improved else state["waited"] + 1
-        if improved:
-            state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-        state["epoch"] = epoch + 1
-        stop = state["waited"] >= t.patience or state["epoch"] >= t.epochs
+        stop = stopper.update(val[metric], _unwrap(model))
         if stop:  # test the best weights in this, the last, report
-            _unwrap(model).load_state_dict(state["best_model"])
+            stopper.restore_best(_unwrap(model))
             test = task.evaluate(model, _shard_batches("test", batcher, t.batch_size, False, 0), device, amp)
-            metrics |= {f"test_{k}": v for k, v in test.items()} | {f"best_val_{metric}": state["best"]}
+            metrics |= {f"test_{k}": v for k, v in test.items()} | {f"best_val_{metric}": stopper.best}
         with tempfile.TemporaryDirectory() as d:
-            torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), **state}, Path(d) / CKPT)
+            torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                        "early_stopping": stopper.state_dict()}, Path(d) / CKPT)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        if stop:
-            break
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
-
-
-def ckpt_marker(config: dict[str, Any]) -> Path:
-    return Path(config["marker_dir"]) / "failed_once"
 
 
 def cpu_share(per_worker: float, workers: int, cpus: float) -> float:
@@ -121,7 +109,7 @@ def use_gpu(cfg: FunnelConfig) -> bool:
 
 
 def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None, *, name: str = "funnel",
-        tiny: bool = False, extra: dict[str, Any] | None = None, callbacks: list | None = None,
+        tiny: bool = False, callbacks: list | None = None,
         storage_path: str | None = None):
     """Run a TorchTrainer over the ingest output in `data_dir`; returns Ray's Result."""
     import ray.data
@@ -143,12 +131,11 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
         if limit and (n := datasets[split].count()) > limit:
             datasets[split] = datasets[split].random_sample(limit / n, seed=cfg.train.seed)
     storage = Path(storage_path or cfg.train.storage_path).resolve()
-    marker_dir = storage / name
-    marker_dir.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "data_dir": str(root.resolve()), "model": model, "params": params,
-                           "tiny": tiny, "marker_dir": str(marker_dir), **(extra or {})},
+                           "tiny": tiny},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg),
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -153,7 +153,7 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
     params = to_params(best, base_params)
     state = torch.load(Path(best["checkpoint_path"]) / CKPT, map_location="cpu", weights_only=True)
     net = task.build(model, params)
-    net.load_state_dict(state["best_model"])
+    net.load_state_dict(state["early_stopping"]["best_state"])
     final = {k: float(best[k]) for k in (test_metric,) if best.get(k) is not None}
     if final and (cfg.tune.max_eval_rows or cfg.train.max_test_rows):
         # the trials were tested on a sample: the gate compares on the whole test split, as jobs.train does

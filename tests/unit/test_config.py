@@ -63,3 +63,26 @@ def test_flatten_is_what_mlflow_logs():
     assert flat["world.num_users"] == 300
     assert flat["abtest.arms.control"] == 50
     assert all("." in k for k in flat)
+
+
+def test_every_model_config_is_a_validated_section():
+    cfg = load_config(ROOT / "configs/small.yaml", ["model.cdnet.topk_ratio=0.3", "model.adaf2m2.alpha=0.5"])
+    assert cfg.model.cdnet.topk_ratio == 0.3
+    assert flatten(to_dict(cfg))["model.cdnet.topk_ratio"] == 0.3  # logged to MLflow with the rest
+    with pytest.raises(ConfigError, match=r"model\.cdnet\.topk_ration'.*did you mean model\.cdnet\.topk_ratio"):
+        load_config(None, ["model.cdnet.topk_ration=0.3"])
+    with pytest.raises(ConfigError, match=r"model\.dlf\.layers: expected an integer"):
+        load_config(None, ["model.dlf.layers=deep"])
+
+
+def test_params_for_builds_from_the_section_with_overrides_on_top():
+    cfg = load_config(None, ["model.cdnet.bins=20"])
+    p = cfg.model.params_for("cdnet", {"topk_ratio": 0.5})
+    assert p["bins"] == 20 and p["topk_ratio"] == 0.5 and p["embed_dim"] == cfg.model.cdnet.embed_dim
+    ada = cfg.model.params_for("adaf2m2:dlf", {"adaf2m2": {"alpha": 0.7}})
+    assert ada["base"] == to_dict(cfg.model.dlf) and ada["adaf2m2"]["alpha"] == 0.7
+    assert ada["adaf2m2"]["k"] == cfg.model.adaf2m2.k
+    tiny = load_config(ROOT / "configs/tiny.yaml").model
+    assert tiny.params_for("lrea")["rank"] == 4  # the tiny preset
+    with pytest.raises(ConfigError, match="no config section"):
+        cfg.model.params_for("nope")
