@@ -67,6 +67,7 @@ class Budget:
     batch_size: int = 1024
     lr: float = 2e-3  # retrieval, and ranking families when the sweep is off
     lrs: tuple[float, ...] = (1e-3, 3e-3)  # the per-family sweep on seed 0 (ranking)
+    device: str = "cpu"  # "cuda" where a GPU is present (bf16 autocast there)
     embed_dim: int = 16
     seq_len: int = 100
     karma_len: int = 20
@@ -176,12 +177,14 @@ def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, se
     sections, as every job builds it) with the row's `params` on top. Returns the model and test
     metrics + val AUC, lr, epochs, steps, seconds, curve."""
     torch.manual_seed(seed)
-    model = build_model(name, spec, (models or ModelConfig()).params_for(name, params))
+    model = build_model(name, spec, (models or ModelConfig()).params_for(name, params)).to(b.device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    evaluate = lambda split: ranking_metrics(predict_ranking(model, data[split], keep=STATE), **b.thresholds)  # noqa: E731
+    amp = torch.bfloat16 if b.device == "cuda" else None
+    evaluate = lambda split: ranking_metrics(predict_ranking(model, data[split], b.device, amp, keep=STATE),  # noqa: E731
+                                             **b.thresholds)
     t0 = time.perf_counter()
     best_epoch, history = fit_early_stopping(model, _shuffled(data["train"], seed), lambda: evaluate("val"), "auc",
-                                             opt, epochs=b.epochs, patience=b.patience)
+                                             opt, epochs=b.epochs, patience=b.patience, device=b.device, amp_dtype=amp)
     out = evaluate("test") | {
         "val_auc": max(h["val_auc"] for h in history), "lr": lr, "epochs": len(history), "best_epoch": best_epoch,
         "steps": len(data["train"]) * len(history), "seconds": time.perf_counter() - t0,
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="ranking,retrieval", help="ranking, retrieval or both")
     p.add_argument("--only", help="comma-separated row labels (debugging)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one per process side by side)")
+    p.add_argument("--device", default="auto", help="auto (cuda where present), cuda or cpu")
     p.add_argument("--out", default="benchmarks/out/fidelity.json")
     a = p.parse_args(argv)
     if a.report:
@@ -409,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.data:
         p.error("--data is required (or --report)")
     torch.set_num_threads(a.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     b = Budget(train_rows=a.train_rows, eval_rows=a.eval_rows, epochs=a.epochs, patience=a.patience,
-               batch_size=a.batch_size, lrs=tuple(float(x) for x in a.lrs.split(",")))
+               batch_size=a.batch_size, lrs=tuple(float(x) for x in a.lrs.split(",")), device=device)
     subset = {"paper": PAPER, "core": CORE, "all": None}[a.rows]
     only = set(a.only.split(",")) if a.only else (None if subset is None else subset | set(RETRIEVAL) | {KARMA_SIM_ROW})
     parts = tuple(x.strip() for x in a.parts.split(","))
