@@ -76,7 +76,7 @@ class Budget:
 
 
 # (row label, model name, params); D and the budget are the same for all. The first row of
-# each family (`family`) is the one its learning rate is swept on.
+# each model name is the one its learning rate is swept on; the name's other rows reuse it.
 RANKING: list[tuple[str, str, dict[str, Any]]] = [
     ("mean_pool", "mean_pool", {}),
     ("din (short seq)", "din", {"sequence": "short"}),
@@ -106,11 +106,6 @@ PAPER = {"mean_pool", "din (short seq)", "dcnv2", "sim_hard", "cdnet", "dlf", "a
 CORE = {"mean_pool", "din (short seq)", "din (short seq, no softmax)", "din (long seq)", "dcnv2", "sim_hard",
         "cdnet", "cdnet: w/o core", "cdnet: w/o distribution", "dlf", "dlf: w/o NAF", "adaf2m2:dcnv2",
         "lrea λ=0", "lrea λ=0.3"}
-
-
-def family(name: str) -> str:
-    """The learning-rate family of a model name (its ablations share the rate)."""
-    return name
 KARMA_SIM_ROW = "dcnv2 + karma_sim"
 RETRIEVAL = ["popularity", "two_tower", "adaf2m2:two_tower", "karma action-only (λ_dec=0)", "karma (λ_dec=0.5)"]
 
@@ -266,7 +261,7 @@ def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None =
         for row, name, params in RANKING:
             if not want(row):
                 continue
-            fam = family(name)
+            fam = name  # the learning-rate family: a model and its ablations share the rate
             if seed == seeds[0] and fam not in lrs:  # the family's sweep: every lr on the first seed, best val
                 fits = [fit_rank(name, params, rank_b.spec, data, b, seed, lr, models) for lr in b.lrs]
                 model, m = max(fits, key=lambda f: f[1]["val_auc"])
