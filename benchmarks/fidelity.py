@@ -92,6 +92,7 @@ RANKING: list[tuple[str, str, dict[str, Any]]] = [
     ("dlf: w/o gate", "dlf", {"use_gate": False}),
     ("dlf: w/o RLI", "dlf", {"use_rli": False}),
     ("dlf: w/o NAF", "dlf", {"use_naf": False}),
+    ("dlf + LayerNorm after eq. 9", "dlf", {"post_norm": True}),
     ("adaf2m2:dcnv2", "adaf2m2:dcnv2", {}),
     ("adaf2m2:dlf", "adaf2m2:dlf", {}),
     ("lrea λ=0", "lrea", {"lam": 0.0}),
@@ -104,7 +105,8 @@ RANKING: list[tuple[str, str, dict[str, Any]]] = [
 # CDNet over the full sequence, AdaF2M2 around DLF, two DLF ablations, two λ — run with `all`)
 PAPER = {"mean_pool", "din (short seq)", "dcnv2", "sim_hard", "cdnet", "dlf", "adaf2m2:dcnv2", "lrea λ=0.3"}
 CORE = {"mean_pool", "din (short seq)", "din (short seq, no softmax)", "din (long seq)", "dcnv2", "sim_hard",
-        "cdnet", "cdnet: w/o core", "cdnet: w/o distribution", "dlf", "dlf: w/o NAF", "adaf2m2:dcnv2",
+        "cdnet", "cdnet: w/o core", "cdnet: w/o distribution", "dlf", "dlf: w/o NAF", "dlf + LayerNorm after eq. 9",
+        "adaf2m2:dcnv2",
         "lrea λ=0", "lrea λ=0.3"}
 KARMA_SIM_ROW = "dcnv2 + karma_sim"
 RETRIEVAL = ["popularity", "two_tower", "adaf2m2:two_tower", "karma action-only (λ_dec=0)", "karma (λ_dec=0.5)"]
