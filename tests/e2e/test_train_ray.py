@@ -61,8 +61,10 @@ def test_every_other_model_runs_the_same_loop_with_num_workers_0(ray_session, ti
 
 def test_resume_after_the_worker_is_killed(ray_session, tiny_cfg, tiny_data, tmp_path):
     """A real failure, nothing injected into the loop: the Ray Train worker process is SIGKILLed
-    once its first checkpoint is written; Ray restarts the worker group (FailureConfig) and the
-    loop resumes from the latest checkpoint, so no finished epoch is trained twice."""
+    once Ray has registered its first checkpoint; Ray restarts the worker group (FailureConfig)
+    and the loop resumes from the latest registered checkpoint, so no finished epoch is trained
+    twice."""
+    import json
     import signal
     import threading
     import time
@@ -70,14 +72,21 @@ def test_resume_after_the_worker_is_killed(ray_session, tiny_cfg, tiny_data, tmp
     import psutil
 
     cfg = _cfg(tiny_cfg, tmp_path, epochs=6, patience=99, batch_size=64, max_failures=1)
-    run_dir = tmp_path / "ray_runs" / "resume"
-    killed: list[tuple[int, int]] = []  # (pid, checkpoints on disk when it was killed)
+    snapshot = tmp_path / "ray_runs" / "resume" / "checkpoint_manager_snapshot.json"
 
-    def kill_after_first_checkpoint():
+    def registered_epochs() -> list[int]:
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):  # not written yet, or being rewritten
+            return []
+        return [int(r["metrics"]["epoch"]) for r in results]
+
+    killed: list[tuple[int, list[int]]] = []  # (pid, epochs registered when it was killed)
+
+    def kill_after_first_registered_checkpoint():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            done = len(list(run_dir.glob("checkpoint_*")))
-            if done:
+            if done := registered_epochs():
                 for p in psutil.process_iter(["pid", "cmdline"]):
                     if any("RayTrainWorker" in c for c in p.info["cmdline"] or []):
                         p.send_signal(signal.SIGKILL)
@@ -86,14 +95,14 @@ def test_resume_after_the_worker_is_killed(ray_session, tiny_cfg, tiny_data, tmp
                     return
             time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_after_first_registered_checkpoint, daemon=True)
     killer.start()
     res = fit(cfg, str(tiny_data), "mean_pool", None, name="resume", tiny=True)
     killer.join(timeout=5)
-    assert killed and all(n < 6 for _, n in killed), killed  # killed mid-run
+    assert killed and all(len(done) < 6 for _, done in killed), killed  # killed mid-run
     assert res.error is None
     assert res.metrics["epoch"] == 5 and "test_auc" in res.metrics  # all six epochs, then the test
-    assert len(list(run_dir.glob("checkpoint_*"))) == 6  # one report per epoch: none redone after the restart
+    assert registered_epochs() == [0, 1, 2, 3, 4, 5]  # resumed: no finished epoch reported twice
 
 
 def test_train_job_end_to_end(ray_session, tiny_cfg, tiny_data, tmp_path, monkeypatch, capsys):
