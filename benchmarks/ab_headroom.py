@@ -2,6 +2,7 @@
 
   python -m benchmarks.ab_headroom --config configs/small.yaml [--users 600] [--alias challenger]
                                    [--ranker-uri models:/funnel-cdnet/3] [--set serve.popular_n=300] [--catalogue]
+                                   [--hold-numeric user|item]
 
 The same simulated users and request times as `jobs.abtest` (sessions like the logs', the
 clicks of each slate fed back into the next request's history), but in one process through
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 
@@ -55,6 +57,31 @@ def _stage_models(cfg, alias: str, ranker_uri: str | None):
             Preranker(out["preranker"][0], store, cfg.serve.retrieval_weight), Ranker(out["ranker"][0], store))
 
 
+def hold_numeric(store, prefix: str) -> None:
+    """Diagnosis: every numeric input named `<prefix>_*` reaches the pre-ranker and the ranker at the
+    raw value whose transform is its train mean (z = 0), on this store instance only — how much of
+    the served ranking rests on that group of inputs."""
+    from models.spec import numeric_transform
+
+    held = {}
+    for f, (mean, _) in store.spec.numeric_stats.items():
+        if f.startswith(prefix + "_"):
+            kind = store.spec.numeric[f]
+            held[f] = float(np.expm1(mean) if kind == "log1p" else 1 / (1 + np.exp(-mean)) if kind == "logit" else mean)
+            assert abs(float(numeric_transform(np.array([held[f]]), kind)[0]) - mean) < 1e-4, f
+    if not held:
+        raise SystemExit(f"--hold-numeric {prefix}: no numeric input with train statistics starts with {prefix}_")
+    build = store.ranking_batch
+
+    def ranking_batch(*args, **kwargs):
+        out = build(*args, **kwargs)
+        for f, v in held.items():
+            out[f] = torch.full_like(out[f], v)
+        return out
+
+    store.ranking_batch = ranking_batch
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs.common import config_parser, load
 
@@ -64,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranker-uri", help="rank with this model instead of the alias's (e.g. a run's model)")
     p.add_argument("--catalogue", action="store_true",
                    help="also score the ranker over the whole catalogue (slow: every item, every request)")
+    p.add_argument("--hold-numeric", choices=("user", "item"),
+                   help="diagnosis: hold the user_* or item_* numeric inputs at their train mean at serving")
     p.add_argument("--out", default="benchmarks/out/ab_headroom.json")
     a = p.parse_args(argv)
     from jobs.abtest import schedule
@@ -74,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_tracking(cfg.tracking)
     world = get_world(cfg.world)
     store, retriever, preranker, ranker = _stage_models(cfg, a.alias, a.ranker_uri)
+    if a.hold_numeric:
+        hold_numeric(store, a.hold_numeric)
     s, k = cfg.serve, cfg.abtest.slate_size
     keys = np.arange(1, len(store.item_id))
     keys = keys[np.array([x is not None for x in store.item_id[keys]])]
