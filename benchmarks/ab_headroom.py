@@ -58,14 +58,14 @@ def _stage_models(cfg, alias: str, ranker_uri: str | None):
 
 
 def hold_numeric(store, prefix: str) -> None:
-    """Diagnosis: every numeric input named `<prefix>_*` reaches the pre-ranker and the ranker at the
-    raw value whose transform is its train mean (z = 0), on this store instance only — how much of
-    the served ranking rests on that group of inputs."""
+    """Diagnosis: every numeric input named `<prefix>_*` (or named `prefix` itself, one field)
+    reaches the pre-ranker and the ranker at the raw value whose transform is its train mean
+    (z = 0), on this store instance only — how much of the served ranking rests on those inputs."""
     from models.spec import numeric_transform
 
     held = {}
     for f, (mean, _) in store.spec.numeric_stats.items():
-        if f.startswith(prefix + "_"):
+        if f == prefix or f.startswith(prefix + "_"):
             kind = store.spec.numeric[f]
             held[f] = float(np.expm1(mean) if kind == "log1p" else 1 / (1 + np.exp(-mean)) if kind == "logit" else mean)
             assert abs(float(numeric_transform(np.array([held[f]]), kind)[0]) - mean) < 1e-4, f
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranker-uri", help="rank with this model instead of the alias's (e.g. a run's model)")
     p.add_argument("--catalogue", action="store_true",
                    help="also score the ranker over the whole catalogue (slow: every item, every request)")
-    p.add_argument("--hold-numeric", choices=("user", "item"),
-                   help="diagnosis: hold the user_* or item_* numeric inputs at their train mean at serving")
+    p.add_argument("--hold-numeric", metavar="PREFIX",
+                   help="diagnosis: hold the numeric inputs PREFIX_* (user, item) or the one named PREFIX "
+                        "(item_ctr) at their train mean at serving")
     p.add_argument("--out", default="benchmarks/out/ab_headroom.json")
     a = p.parse_args(argv)
     from jobs.abtest import schedule
