@@ -16,14 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from jobs.common import config_parser, init_ray, load
 
 
 def train_and_register(cfg, data: Path, model_name: str, params: dict | None, tiny: bool = False) -> dict:
     """Ray Train fit → MLflow run → registry gate; returns the summary the CLI prints."""
-    from training.loop import CKPT, fit
+    from training.loop import best_weights, fit
     from training.registry import log_run, register_with_gate
     from training.tasks import task_from_config
 
@@ -33,9 +31,9 @@ def train_and_register(cfg, data: Path, model_name: str, params: dict | None, ti
     if result.error is not None:
         raise RuntimeError(f"training {model_name} failed: {result.error}")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
+        weights = best_weights(d)
     model = task.build(model_name, params, tiny=tiny)
-    model.load_state_dict(state["early_stopping"]["best_state"])
+    model.load_state_dict(weights)
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     history = [{k: v for k, v in row.items() if not k.startswith("test_")} for row in history]
     final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "best_val_"))}

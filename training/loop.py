@@ -89,6 +89,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
+def best_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The best epoch's weights saved in a checkpoint of `train_loop_per_worker` (its early-stopping state)."""
+    saved = torch.load(Path(checkpoint_dir) / CKPT, map_location="cpu", weights_only=True)
+    return saved["early_stopping"]["best_state"]
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 

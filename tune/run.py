@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from configs import FunnelConfig
 from tune.spaces import knobs, space, to_params
@@ -137,7 +136,7 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
     """Log the table and plot to MLflow; send the best trial's model through the registry gate."""
     import mlflow
 
-    from training.loop import CKPT
+    from training.loop import best_weights
     from training.registry import log_run, register_with_gate, setup_tracking
     from training.tasks import task_from_config
 
@@ -151,9 +150,8 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
         mlflow.log_metric(f"best_{metric}", float(best[metric]))
     task = task_from_config(model, data_dir, cfg.train)
     params = to_params(best, base_params)
-    state = torch.load(Path(best["checkpoint_path"]) / CKPT, map_location="cpu", weights_only=True)
     net = task.build(model, params)
-    net.load_state_dict(state["early_stopping"]["best_state"])
+    net.load_state_dict(best_weights(best["checkpoint_path"]))
     final = {k: float(best[k]) for k in (test_metric,) if best.get(k) is not None}
     if final and (cfg.tune.max_eval_rows or cfg.train.max_test_rows):
         # the trials were tested on a sample: the gate compares on the whole test split, as jobs.train does
