@@ -198,6 +198,11 @@ class ServeConfig:
     max_ongoing_requests: int = 32  # per replica (Serve's default, 5, also caps every @serve.batch at 5)
     event_log: str = "runs/served_events"
     access_log: bool = False  # Serve's log line per request, in every replica and echoed by the driver
+    # the bearer token of /feedback and /flush (of every endpoint with auth_all): FUNNEL_API_TOKEN
+    # in the environment, else this file (the deploying jobs create it, random, mode 0600)
+    token_file: str = "runs/serve_token"
+    auth_all: bool = False
+    served_requests: int = 200_000  # request ids the ingress remembers for /feedback (LRU)
 
 
 @dataclass

@@ -17,6 +17,7 @@ covariate; `abtest.cuped`, which promotion then reads). Report (markdown + PNG) 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -38,7 +39,10 @@ def deploy(cfg: FunnelConfig, data_dir: str | None = None) -> str:
     from ray import serve
 
     from serving.app import args_from_config, build_app
+    from serving.guard import TOKEN_ENV, ensure_token_file
 
+    if not os.environ.get(TOKEN_ENV):
+        ensure_token_file(cfg.serve.token_file)  # a random token, mode 0600, if there is none yet
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(args_from_config(cfg, data_dir)), name="funnel", route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
@@ -61,9 +65,11 @@ def schedule(world, n: int, rng: np.random.Generator) -> np.ndarray:
 def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
     """Drive the world's users against `url`; returns how many requests/clicks were sent."""
     from pipeline.world import get_world
+    from serving.guard import read_token
 
     world = get_world(cfg.world)
     ab = cfg.abtest
+    auth = {"Authorization": f"Bearer {read_token(cfg.serve.token_file)}"}
     rng = np.random.default_rng(ab.seed)
     users = world.users_table()
     known = users[users["registered_ts"] < world.log_end_ts]["user_id"].to_numpy()
@@ -88,10 +94,10 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
         pos = np.arange(len(items))
         clicked = world.sample_clicks(np.full(len(items), int(user)), items, pos, np.full(len(items), ts), click_rng)
         if clicked.any():  # one call per slate with all its clicks
-            http.post(f"{url}/feedback", json={"user_id": user, "request_id": rec["request_id"], "arm": rec["arm"],
+            http.post(f"{url}/feedback", json={"user_id": user, "request_id": rec["request_id"],
                                                "ts": ts, "clicks": [{"item_id": rec["items"][p], "position": int(p)}
                                                                     for p in pos[clicked]]},
-                      timeout=120).raise_for_status()
+                      headers=auth, timeout=120).raise_for_status()
         return int(clicked.sum())
 
     def user_requests(job: tuple[str, np.ndarray, int]) -> int:
@@ -104,8 +110,21 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
     bar.close()
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(sent)} A/B requests failed; first: {errors[0]}")
-    http.post(f"{url}/flush", timeout=120).raise_for_status()
+    http.post(f"{url}/flush", headers=auth, timeout=120).raise_for_status()
     return {"requests": len(sent), "clicks": clicks, "users": len(chosen)}
+
+
+def served_versions(events, arm: str) -> dict[str, Any]:
+    """The model versions that served `arm`, from its logged exposures (never from the alias,
+    which may have moved during the test): `treatment_version_sets` lists every distinct set;
+    `treatment_versions` is {registered name: version} when exactly one set served throughout,
+    else {} (promotion then refuses)."""
+    imp = events[(events["event"] == "impression") & (events["arm"] == arm)]
+    sets = sorted({str(v) for v in imp["model_versions"].fillna("")}) if "model_versions" in imp else []
+    one = {}
+    if len(sets) == 1 and sets[0]:
+        one = dict(x.rsplit("/", 1) for x in sets[0].split(","))
+    return {"treatment_version_sets": sets, "treatment_versions": one}
 
 
 def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
@@ -113,7 +132,7 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
 
     from serving.abtest import analyse, plot, pre_period_ctr, report_markdown
     from serving.router import read_events
-    from training.registry import registered_name, setup_tracking
+    from training.registry import setup_tracking
 
     log_dir = Path(cfg.serve.event_log)
     for old in log_dir.glob("events-*.parquet"):  # this test's log only
@@ -129,15 +148,8 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
     res = analyse(events, cfg.abtest.arms, control, treatment, cfg.abtest.alpha, covariate=covariate)
     res |= {"sent": sent, "seconds": time.time() - t0, "variants": cfg.abtest.variants}
     exp = setup_tracking(cfg.tracking)
-    client = mlflow.MlflowClient()
-    versions = {}
-    alias = cfg.abtest.variants[treatment].split("@", 1)[-1]
-    for m in (cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker):
-        try:
-            versions[registered_name(m)] = client.get_model_version_by_alias(registered_name(m), alias).version
-        except mlflow.exceptions.MlflowException:
-            versions[registered_name(m)] = "?"
-    res["treatment_versions"] = versions
+    res |= served_versions(events, treatment)
+    versions = res["treatment_versions"]
     md = report_markdown(res)
     out = Path("runs") / "abtest"
     out.mkdir(parents=True, exist_ok=True)

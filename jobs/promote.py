@@ -6,8 +6,10 @@ Policy (DESIGN.md): a trained model became `challenger` through the offline gate
 moves to `champion` only when the simulated A/B's lift is positive with its 95% CI above
 zero and no sample-ratio mismatch. Every model of the treatment funnel (retriever,
 pre-ranker, ranker) moves together; each version records the evidence (A/B run, lift, CI,
-previous champion) as tags, promoted or not. The versions promoted are the ones the A/B
-served (its `treatment_versions`), even if `challenger` has moved since.
+previous champion) as tags, promoted or not. The versions promoted are exactly the ones the
+A/B's exposures record for the treatment arm (its `treatment_versions`), even if
+`challenger` has moved since; if more than one set of versions served it during the test
+(an alias moved mid-test), or the record is missing, nothing is promoted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
 
     setup_tracking(cfg.tracking)
     client = mlflow.MlflowClient()
-    ok = bool(ab.get("significant_positive"))
+    sets = ab.get("treatment_version_sets")
+    tested_all = ab.get("treatment_versions") or {}
+    one_set = bool(tested_all) and (sets is None or len(sets) == 1)
+    ok = bool(ab.get("significant_positive")) and one_set
+    why_not = ("lift not significantly positive (or SRM)" if one_set else
+               f"the treatment arm was not served by one set of model versions throughout the test: {sets}")
     decided_on = ab.get("decided_on", "lift")  # the raw lift, or the CUPED-adjusted one (serving/abtest.py)
     lift = ab.get(decided_on) or {}
     evidence = {"abtest_run_id": ab.get("run_id", ""), "lift": f"{lift.get('relative', float('nan')):+.4f}",
@@ -39,25 +46,26 @@ def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
     moves = {}
     for model in (cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker):
         name = registered_name(model)
-        tested = str(ab.get("treatment_versions", {}).get(name, "?"))
+        tested = str(tested_all.get(name, "?"))
         try:
-            ch = (client.get_model_version(name, tested) if tested.isdigit()
-                  else client.get_model_version_by_alias(name, "challenger"))
+            ch = client.get_model_version(name, tested) if tested.isdigit() else None
         except MlflowException:
-            moves[name] = {"promoted": False, "reason": "no challenger"}
+            ch = None
+        if ch is None:
+            moves[name] = {"promoted": False, "reason": f"no served version of {name} on record ({why_not})"}
             continue
         try:
             prev = client.get_model_version_by_alias(name, "champion").version
         except MlflowException:
             prev = ""
         decision = {"promoted": ok, "version": ch.version, "previous_champion": prev,
-                    "reason": "significant positive lift" if ok else "lift not significantly positive (or SRM)"}
+                    "reason": "significant positive lift" if ok else why_not}
         if ok:
             client.set_registered_model_alias(name, "champion", ch.version)
         for k, v in (evidence | decision).items():
             client.set_model_version_tag(name, ch.version, f"promotion.{k}", str(v))
         moves[name] = decision
-    return {"promoted": ok, **evidence, "models": moves}
+    return {"promoted": ok and all(m.get("promoted") for m in moves.values()), **evidence, "models": moves}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,8 @@ from pipeline.outputs import (
     combine_moments,
     combine_summary,
     numeric_moments,
+    output_folder,
     partial_summary,
-    prepare_output,
     ranking_rows,
     retrieval_rows,
     write_meta,
@@ -169,8 +170,13 @@ def _dup_rejects(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables) -> dict[str, Any]:
-    """The whole ingest in one process with pandas (same transforms, no Ray)."""
-    out = prepare_output(cfg)
+    """The whole ingest in one process with pandas (same transforms, no Ray), into a temporary
+    folder renamed into place on success (pipeline.outputs.output_folder)."""
+    with output_folder(cfg) as out:
+        return _ingest_local(cfg, out, raw_events, raw)
+
+
+def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: RawTables) -> dict[str, Any]:
     plan = make_plan(cfg, raw)
     v = validate_events(raw_events, plan.rules, pd.Index(plan.items["item_id"]))
     rejected = rejects_frame(v, "events")
@@ -206,7 +212,13 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
 
 
 def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any]:
-    """The ingest on Ray Data (local cluster or a real one); returns the stats dict."""
+    """The ingest on Ray Data (local cluster or a real one); returns the stats dict. Writes into
+    a temporary folder renamed into place on success (pipeline.outputs.output_folder)."""
+    with output_folder(cfg) as out:
+        return _ingest_ray(cfg, out, raw)
+
+
+def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str, Any]:
     from ray.data import DataContext
     from ray.data.expressions import col
 
@@ -215,7 +227,6 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
     ctx_ray = DataContext.get_current()
     ctx_ray.enable_progress_bars = cfg.data.progress
     ctx_ray.shuffle_strategy = cfg.data.shuffle_strategy
-    out = prepare_output(cfg)
     raw = raw or read_source(cfg)
     plan = make_plan(cfg, raw)
     P = max(1, cfg.data.num_partitions)

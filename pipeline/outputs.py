@@ -5,8 +5,10 @@ paths (Ray Data and single process) combine into the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,12 +128,50 @@ def read_rejects(out: str | Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def prepare_output(cfg: FunnelConfig) -> Path:
-    out = Path(cfg.data.output)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "rejects").mkdir(parents=True)
+MARKER = ".funnel-output"
+
+
+def check_output(cfg: FunnelConfig) -> Path:
+    """The output folder, if Funnel may (re)write it: never one that is, or holds, the input,
+    and never an existing folder Funnel did not write (no MARKER in it) — ingest replaces the
+    whole folder, and must not delete anything else. A clear error otherwise."""
+    out = Path(cfg.data.output).resolve()
+    if cfg.data.input:
+        src = Path(cfg.data.input).resolve()
+        if src == out or src.is_relative_to(out):
+            raise ValueError(f"data.output {out} {'is' if src == out else 'contains'} the input {src}: ingest "
+                             "replaces its output folder; choose an output outside the input")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _ours(out))):
+        raise ValueError(f"data.output {out} exists and was not written by Funnel (no {MARKER} in it); "
+                         "choose another output folder, or remove it yourself")
     return out
+
+
+def _ours(out: Path) -> bool:
+    """Funnel's marker, or the two files every earlier Funnel ingest wrote (before the marker)."""
+    return (out / MARKER).exists() or ((out / "stats.json").exists() and (out / "feature_spec.json").exists())
+
+
+@contextlib.contextmanager
+def output_folder(cfg: FunnelConfig):
+    """Yields a fresh temporary folder beside the output; on success it is renamed into place
+    (the previous output, Funnel's own, goes only after that), on failure it is removed and
+    the previous output stays as it was."""
+    out = check_output(cfg)
+    tmp = out.parent / f".{out.name}.incoming-{uuid.uuid4().hex[:8]}"
+    (tmp / "rejects").mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / MARKER).write_text("written by Funnel's ingest (pipeline/ingest.py); the next ingest replaces "
+                              "this folder\n")
+    old = out.parent / f".{out.name}.previous-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_meta(out: Path, plan: Plan, cat: Catalog, summary: dict[str, Any], reasons: pd.Series,

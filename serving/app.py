@@ -1,10 +1,13 @@
-"""Ray Serve: /retrieve, /prerank, /rank, /recommend (+ /feedback, /healthz), an A/B router.
+"""Ray Serve: /retrieve, /prerank, /rank, /recommend (+ /feedback, /flush, /healthz), an A/B router.
 
 Deployments: one per stage (`RetrieverStage`, `PrerankerStage`, `RankerStage`) per registry
 alias an arm uses, and the FastAPI ingress `Funnel` that validates requests (pydantic; a
-bad request is a 4xx with the reason, never a 5xx), routes each user to an arm by a sticky
-hash bucket, composes the stages through deployment handles, and logs every exposure and
-click in the canonical events format (serving/router.py).
+bad request is a 4xx with the reason, never a 5xx: serving/guard.py), routes each user to an arm by a sticky
+hash bucket, composes the stages through deployment handles, and logs every exposure (with
+the model versions that served it) and every click in the canonical events format
+(serving/router.py). `/feedback` and `/flush` take a bearer token (every endpoint with
+`serve.auth_all`); a click is accepted only for a request this funnel served, once per
+(request id, position), under the server's own record of the arm.
 
 Models load from the MLflow registry by alias (`models:/funnel-<model>@<alias>`); each
 stage checks the alias every `reload_s` seconds and, when it moved, loads the new version
@@ -20,10 +23,12 @@ import uuid
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Header, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from serving.guard import BodyGuard, validation_error_body
 from serving.schemas import (  # noqa: F401 - re-exported: the contract is part of the app
     MAX_BODY_BYTES,
     Click,
@@ -39,10 +44,6 @@ from serving.schemas import (  # noqa: F401 - re-exported: the contract is part 
 
 # --------------------------------------------------------------------------- helpers
 # (defined before the deployments: Serve ships the classes to replicas by value)
-
-
-def _ts(ts: int | None) -> int:
-    return int(ts if ts is not None else time.time())
 
 
 def _user(store, user_id: str, history: list[str] | None, recent: list[str] | None = None) -> tuple[int, np.ndarray]:
@@ -233,25 +234,23 @@ class RankerStage(_Registered):
 
 # --------------------------------------------------------------------------- ingress
 
-class BodyLimit:
-    """Oversized payloads are refused before they are read (413). A plain ASGI middleware:
-    Starlette's `@app.middleware("http")` runs every request through an extra task and stream."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            size = dict(scope["headers"]).get(b"content-length")
-            if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
-                await JSONResponse({"detail": f"payload larger than {self.max_bytes} bytes"}, status_code=413)(
-                    scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 api = FastAPI(title="Funnel", description="retrieval → pre-ranking → ranking, with an A/B router")
-api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+api.add_middleware(BodyGuard, max_bytes=MAX_BODY_BYTES)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
+    """422 with the reasons, rendered safely whatever the input held."""
+    return JSONResponse(validation_error_body(exc.errors()), status_code=422)
+
+
+def _versions(args: FunnelArgs, stages: dict[str, str]) -> str:
+    """"funnel-karma/3,funnel-lrea/2,funnel-cdnet/5": the models that served a slate."""
+    from training.registry import registered_name
+
+    s = args.serve
+    return ",".join(f"{registered_name(m)}/{stages.get(k, '?')}"
+                    for k, m in (("retriever", s.retriever), ("preranker", s.preranker), ("ranker", s.ranker)))
 
 
 @serve.deployment
@@ -260,19 +259,39 @@ class Funnel:
     def __init__(self, args: FunnelArgs, retrievers: dict[str, Any], prerankers: dict[str, Any],
                  rankers: dict[str, Any]):
         from serving.features import FeatureStore
-        from serving.router import ArmRouter, EventLog, RecentClicks
+        from serving.guard import read_token
+        from serving.router import ArmRouter, EventLog, RecentClicks, ServedRequests
 
         self.args = args
+        self.token = read_token(args.serve.token_file)
         self.router = ArmRouter(args.abtest.arms, args.abtest.salt)
         self.retrievers, self.prerankers, self.rankers = retrievers, prerankers, rankers
         self.default = next(iter(rankers))
         self.log = EventLog(args.serve.event_log)
+        self.served = ServedRequests(args.serve.served_requests)
         self.recent = RecentClicks()  # /feedback clicks: the fresh end of each user's history
         store = FeatureStore(args.data_dir)
         self.popular = store.item_ids(store.popular[:100])  # the popularity arm's slate
 
+    def _auth(self, authorization: str | None, required: bool = False) -> None:
+        """401 unless the bearer token matches (always for /feedback and /flush; for every
+        endpoint with serve.auth_all)."""
+        from serving.guard import token_matches
+
+        if (required or self.args.serve.auth_all) and not token_matches(self.token, authorization):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def _ts(self, ts: int | None) -> int:
+        """The request's time (now if not sent), within the data's cut-off (422 beyond it)."""
+        limit = self.args.max_ts or int(time.time()) + 86_400
+        if ts is not None and ts > limit:
+            raise HTTPException(422, f"ts {ts} is after the data's cut-off {limit} (data.max_ts)")
+        return int(ts if ts is not None else time.time())
+
     @api.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
+    def healthz(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        self._auth(authorization)
         return {"ok": True, "arms": self.args.abtest.arms, "variants": self.args.abtest.variants}
 
     def _recent(self, req, ts: int) -> list[str] | None:
@@ -280,19 +299,22 @@ class Funnel:
         return self.recent.before(req.user_id, ts) if req.history is None else None
 
     @api.post("/retrieve")
-    async def retrieve(self, req: RetrieveRequest) -> Items:
-        recent = self._recent(req, _ts(None))
+    async def retrieve(self, req: RetrieveRequest, authorization: str | None = Header(None)) -> Items:
+        self._auth(authorization)
+        recent = self._recent(req, self._ts(None))
         return await self.retrievers[self.default].retrieve.remote(req.user_id, req.history, req.n, recent)
 
     @api.post("/prerank")
-    async def prerank(self, req: PrerankRequest) -> Items:
-        ts = _ts(req.ts)
+    async def prerank(self, req: PrerankRequest, authorization: str | None = Header(None)) -> Items:
+        self._auth(authorization)
+        ts = self._ts(req.ts)
         return await self.prerankers[self.default].prerank.remote(req.user_id, req.history, req.candidates, None,
                                                                    req.m, ts, self._recent(req, ts))
 
     @api.post("/rank")
-    async def rank(self, req: RankRequest) -> Items:
-        ts = _ts(req.ts)
+    async def rank(self, req: RankRequest, authorization: str | None = Header(None)) -> Items:
+        self._auth(authorization)
+        ts = self._ts(req.ts)
         return await self.rankers[self.default].rank.remote(req.user_id, req.history, req.candidates, req.k,
                                                              ts, self._recent(req, ts))
 
@@ -305,30 +327,52 @@ class Funnel:
         return out, {"retriever": got.model_version, "preranker": pre.model_version, "ranker": out.model_version}
 
     @api.post("/recommend")
-    async def recommend(self, req: RecommendRequest) -> Recommendation:
-        ts = _ts(req.ts)
+    async def recommend(self, req: RecommendRequest, authorization: str | None = Header(None)) -> Recommendation:
+        from serving.router import Served
+
+        self._auth(authorization)
+        ts = self._ts(req.ts)
         arm = self.router.arm(req.user_id)
         variant = self.args.abtest.variants.get(arm, "popularity")
         rid = uuid.uuid4().hex
         if variant == "popularity":
-            items, scores, stages = self.popular[: req.k], list(np.linspace(1, 0.5, req.k)), {}
+            items, scores, stages, versions = self.popular[: req.k], list(np.linspace(1, 0.5, req.k)), {}, ""
         else:
             res, stages = await self._funnel(variant.split("@", 1)[1], req, ts)
-            items, scores = res.items, res.scores
-        self.log.exposures(req.user_id, items, ts, rid, arm)
+            items, scores, versions = res.items, res.scores, _versions(self.args, stages)
+        self.served.add(rid, Served(req.user_id, arm, items, versions, ts))
+        self.log.exposures(req.user_id, items, ts, rid, arm, versions)
         return Recommendation(items=items, scores=scores, request_id=rid, arm=arm, stages=stages)
 
     @api.post("/feedback")
-    async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
-        ts = _ts(req.ts)
+    async def feedback(self, req: FeedbackRequest, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Clicks on a slate this funnel served: checked against what it showed, logged with the
+        server's own arm and model versions, each (request id, position) once."""
+        self._auth(authorization, required=True)
+        ts = self._ts(req.ts)
+        got = self.served.get(req.request_id)
+        if got is None:
+            raise HTTPException(404, f"request_id {req.request_id[:64]!r} was not served by this funnel "
+                                     f"(or is older than the last {self.args.serve.served_requests} requests)")
+        if got.user_id != req.user_id:
+            raise HTTPException(409, f"request_id {req.request_id[:64]!r} was served to another user")
+        if ts < got.ts:
+            raise HTTPException(422, f"click ts {ts} is before the slate was served ({got.ts})")
         clicks = req.all_clicks()
         for c in clicks:
-            self.log.click(req.user_id, c.item_id, ts, req.request_id, c.position, req.arm)
-            self.recent.add(req.user_id, c.item_id, ts)
-        return {"ok": True, "clicks": len(clicks)}
+            if c.position >= len(got.items) or got.items[c.position] != c.item_id:
+                shown = got.items[c.position] if c.position < len(got.items) else None
+                raise HTTPException(422, f"position {c.position} of request {req.request_id[:64]!r} showed "
+                                         f"{shown!r}, not {c.item_id[:64]!r}")
+        new = self.served.claim(got, [c.position for c in clicks])
+        for p in new:
+            self.log.click(req.user_id, got.items[p], ts, req.request_id, p, got.arm, got.versions)
+            self.recent.add(req.user_id, got.items[p], ts)
+        return {"ok": True, "clicks": len(new), "duplicates": len(clicks) - len(new)}
 
     @api.post("/flush")
-    def flush(self) -> dict[str, str]:
+    def flush(self, authorization: str | None = Header(None)) -> dict[str, str]:
+        self._auth(authorization, required=True)
         path = self.log.flush()
         return {"written": str(path or "")}
 
@@ -343,9 +387,13 @@ def build_app(args: FunnelArgs) -> serve.Application:
     from training.registry import resolve_tracking_uri
 
     args = args if isinstance(args, FunnelArgs) else FunnelArgs(**args)
+    from serving.guard import read_token
+
     args = args.model_copy(update={
         "data_dir": str(Path(args.data_dir).resolve()), "tracking_uri": resolve_tracking_uri(args.tracking_uri),
-        "serve": dataclasses.replace(args.serve, event_log=str(Path(args.serve.event_log).resolve()))})
+        "serve": dataclasses.replace(args.serve, event_log=str(Path(args.serve.event_log).resolve()),
+                                     token_file=str(Path(args.serve.token_file).resolve()))})
+    read_token(args.serve.token_file)  # no token → a clear error here, not a replica that fails to start
     variants, arms = args.abtest.variants, args.abtest.arms
     aliases = sorted({v.split("@", 1)[1] for v in variants.values() if v.startswith("funnel@")}) or ["champion"]
     bad = [v for v in variants.values() if v != "popularity" and not v.startswith("funnel@")]
@@ -369,4 +417,4 @@ def args_from_config(cfg, data_dir: str | None = None) -> FunnelArgs:
     import mlflow
 
     return FunnelArgs(data_dir=str(Path(data_dir or cfg.data.output).resolve()), tracking_uri=mlflow.get_tracking_uri(),
-                      serve=cfg.serve, abtest=cfg.abtest)
+                      serve=cfg.serve, abtest=cfg.abtest, max_ts=cfg.data.max_ts)

@@ -6,6 +6,10 @@
 - Event log: every exposure (one row per shown item, with its position) and every click,
   in the canonical events format of the ingest (`user_id, item_id, ts, event, request_id,
   position`) plus `arm` — the ingest reads served traffic back as new training logs.
+- Served requests: the ingress remembers what it served (user, arm, slate, model versions)
+  per request id, bounded (LRU); `/feedback` is checked against it — a click on a request it
+  never served is refused, the arm logged is the server's own, and a click repeated for the
+  same (request id, position) is logged once.
 - Recent clicks: the clicks fed back since the log ended, per user, so the next request's
   history ends with them (training histories are every click strictly before the example's
   time; a served history frozen at the end of the log would be stale by hours or days).
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-EVENT_COLUMNS = ["user_id", "item_id", "ts", "event", "request_id", "position", "arm"]
+EVENT_COLUMNS = ["user_id", "item_id", "ts", "event", "request_id", "position", "arm", "model_versions"]
 
 
 def bucket(salt: str, user_id: str) -> int:
@@ -57,15 +61,21 @@ class EventLog:
         self._rows: list[dict] = []
         self._lock = threading.Lock()
 
-    def exposures(self, user_id: str, item_ids: list[str], ts: int, request_id: str, arm: str) -> None:
+    def exposures(self, user_id: str, item_ids: list[str], ts: int, request_id: str, arm: str,
+                  versions: str = "") -> None:
+        """One impression row per shown item; `versions` names the models that served the slate
+        ("" for a non-model arm), e.g. "funnel-karma/3,funnel-lrea/2,funnel-cdnet/5"."""
         with self._lock:
             self._rows += [{"user_id": user_id, "item_id": i, "ts": ts, "event": "impression",
-                            "request_id": request_id, "position": p, "arm": arm} for p, i in enumerate(item_ids)]
+                            "request_id": request_id, "position": p, "arm": arm, "model_versions": versions}
+                           for p, i in enumerate(item_ids)]
 
-    def click(self, user_id: str, item_id: str, ts: int, request_id: str, position: int, arm: str) -> None:
+    def click(self, user_id: str, item_id: str, ts: int, request_id: str, position: int, arm: str,
+              versions: str = "") -> None:
         with self._lock:
             self._rows.append({"user_id": user_id, "item_id": item_id, "ts": ts, "event": "click",
-                               "request_id": request_id, "position": position, "arm": arm})
+                               "request_id": request_id, "position": position, "arm": arm,
+                               "model_versions": versions})
 
     def flush(self) -> Path | None:
         with self._lock:
@@ -75,6 +85,47 @@ class EventLog:
         path = self.folder / f"events-{uuid.uuid4().hex[:12]}.parquet"
         pd.DataFrame(rows, columns=EVENT_COLUMNS).to_parquet(path, index=False)
         return path
+
+
+class Served:
+    """What one served request showed: who, which arm, the slate, the model versions, when,
+    and the positions already clicked (a repeated click is not logged twice)."""
+
+    __slots__ = ("arm", "clicked", "items", "ts", "user_id", "versions")
+
+    def __init__(self, user_id: str, arm: str, items: list[str], versions: str, ts: int):
+        self.user_id, self.arm, self.items, self.versions, self.ts = user_id, arm, list(items), versions, int(ts)
+        self.clicked: set[int] = set()
+
+
+class ServedRequests:
+    """request id → Served, the last `max_requests` (LRU). Per ingress replica: with several
+    ingress replicas a click must reach the replica that served it (or a shared store)."""
+
+    def __init__(self, max_requests: int = 200_000):
+        self.max_requests = max_requests
+        self._served: OrderedDict[str, Served] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, request_id: str, served: Served) -> None:
+        with self._lock:
+            self._served[request_id] = served
+            if len(self._served) > self.max_requests:
+                self._served.popitem(last=False)
+
+    def get(self, request_id: str) -> Served | None:
+        with self._lock:
+            return self._served.get(request_id)
+
+    def claim(self, served: Served, positions: list[int]) -> list[int]:
+        """The positions not clicked before (marked clicked now), in the order given, each once."""
+        with self._lock:
+            new = []
+            for p in positions:
+                if p not in served.clicked:
+                    served.clicked.add(p)
+                    new.append(p)
+            return new
 
 
 class RecentClicks:

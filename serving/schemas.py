@@ -12,6 +12,7 @@ from configs import ABTestConfig, ServeConfig
 MAX_HISTORY = 1000
 MAX_CANDIDATES = 2000
 MAX_BODY_BYTES = 256 * 1024
+MAX_TS = 4_102_444_800  # 2100-01-01: every ts is bounded here; the data's own cut-off is checked per request
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 
@@ -30,7 +31,7 @@ class PrerankRequest(_Strict):
     history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
     candidates: list[Id] = Field(min_length=1, max_length=MAX_CANDIDATES)
     m: int = Field(100, ge=1, le=MAX_CANDIDATES)
-    ts: int | None = Field(None, ge=0)
+    ts: int | None = Field(None, ge=0, le=MAX_TS)
 
 
 class RankRequest(_Strict):
@@ -38,14 +39,14 @@ class RankRequest(_Strict):
     history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
     candidates: list[Id] = Field(min_length=1, max_length=500)
     k: int = Field(10, ge=1, le=500)
-    ts: int | None = Field(None, ge=0)
+    ts: int | None = Field(None, ge=0, le=MAX_TS)
 
 
 class RecommendRequest(_Strict):
     user_id: Id
     history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
     k: int = Field(10, ge=1, le=100)
-    ts: int | None = Field(None, ge=0)
+    ts: int | None = Field(None, ge=0, le=MAX_TS)
 
 
 class Click(_Strict):
@@ -54,12 +55,14 @@ class Click(_Strict):
 
 
 class FeedbackRequest(_Strict):
-    """Clicks on one served slate: one (`item_id`, `position`) or several (`clicks`)."""
+    """Clicks on one served slate: one (`item_id`, `position`) or several (`clicks`). The
+    request id must be one the funnel served to this user; the arm logged is the server's own
+    record of it (`arm`, if sent, is ignored: a client cannot move a click to another arm)."""
 
     user_id: Id
     request_id: Id
-    arm: Id
-    ts: int | None = Field(None, ge=0)
+    arm: Id | None = None
+    ts: int | None = Field(None, ge=0, le=MAX_TS)
     item_id: Id | None = None
     position: int | None = Field(None, ge=0, le=100)
     clicks: list[Click] | None = Field(None, min_length=1, max_length=100)
@@ -96,5 +99,6 @@ class FunnelArgs(BaseModel):
 
     data_dir: str
     tracking_uri: str = "sqlite:///runs/mlflow.db"
+    max_ts: int = Field(0, ge=0, le=MAX_TS)  # the data's cut-off (data.max_ts); 0 = now + 1 day per request
     serve: ServeConfig = Field(default_factory=ServeConfig)
     abtest: ABTestConfig = Field(default_factory=ABTestConfig)

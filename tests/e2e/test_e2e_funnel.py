@@ -54,6 +54,14 @@ def served(e2e_run):
 
 
 @pytest.fixture(scope="module")
+def auth(e2e_run):
+    """The bearer token the deploy stage created (runs/serve_token, mode 0600)."""
+    path = e2e_run["root"] / "runs" / "serve_token"
+    assert path.stat().st_mode & 0o077 == 0
+    return {"Authorization": f"Bearer {path.read_text().strip()}"}
+
+
+@pytest.fixture(scope="module")
 def tiny_processed(e2e_run):
     return e2e_run["processed"]
 
@@ -93,7 +101,7 @@ def _users(root, n=40):
     return pd.read_parquet(root / "users.parquet")["user_id"].astype(str).head(n).tolist()
 
 
-def test_endpoints_compose_and_route(served, tiny_processed):
+def test_endpoints_compose_and_route(served, tiny_processed, auth):
     url, _ = served
     import pandas as pd
 
@@ -117,25 +125,58 @@ def test_endpoints_compose_and_route(served, tiny_processed):
         arms[u].add(again["arm"])
         if rec["arm"] == "treatment":
             assert set(rec["stages"]) == {"retriever", "preranker", "ranker"}
-        requests.post(f"{url}/feedback", json={"user_id": u, "request_id": rec["request_id"], "item_id": rec["items"][0],
-                                               "position": 0, "arm": rec["arm"]}, timeout=60).raise_for_status()
+        forged = "control" if rec["arm"] == "treatment" else "treatment"  # the client's arm is ignored
+        click = {"user_id": u, "request_id": rec["request_id"], "item_id": rec["items"][0], "position": 0, "arm": forged}
+        r = requests.post(f"{url}/feedback", json=click, headers=auth, timeout=60)
+        assert r.json() == {"ok": True, "clicks": 1, "duplicates": 0}, r.text
+        again = requests.post(f"{url}/feedback", json=click, headers=auth, timeout=60)  # a retry: logged once
+        assert again.json() == {"ok": True, "clicks": 0, "duplicates": 1}
     assert all(len(a) == 1 for a in arms.values())  # sticky
     assert {next(iter(a)) for a in arms.values()} == {"control", "treatment"}
-    written = requests.post(f"{url}/flush", timeout=60).json()["written"]
+    written = requests.post(f"{url}/flush", headers=auth, timeout=60).json()["written"]
     import pandas as pd
 
     ev = pd.read_parquet(written)  # this test's part of the event log
     assert set(ev["event"]) == {"impression", "click"} and (ev["event"] == "click").sum() == 40
     assert len(ev[ev["event"] == "impression"]) == 80 * 5
+    served_arm = ev[ev["event"] == "impression"].groupby("request_id")["arm"].first()
+    clicks = ev[ev["event"] == "click"]
+    assert (clicks["arm"].to_numpy() == served_arm[clicks["request_id"]].to_numpy()).all()  # the server's arm
+    treated = ev[(ev["event"] == "impression") & (ev["arm"] == "treatment")]["model_versions"]
+    assert len(treated) and treated.str.match(r"^funnel-karma/\d+,funnel-lrea/\d+,funnel-cdnet/\d+$").all()
 
 
-def test_fed_back_clicks_extend_the_served_history(served, tiny_processed):
+def test_served_traffic_cannot_be_forged(served, tiny_processed, auth):
+    """/feedback and /flush need the token; a click must name a request this funnel served, to
+    this user, at the position that showed the item."""
+    url, _ = served
+    user = _users(tiny_processed)[2]
+    rec = requests.post(f"{url}/recommend", json={"user_id": user, "k": 3, "ts": 1_702_000_000}, timeout=60).json()
+    click = {"user_id": user, "request_id": rec["request_id"], "item_id": rec["items"][1], "position": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": auth["Authorization"][7:]}):
+        r = requests.post(f"{url}/feedback", json=click, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer", r.text
+    assert requests.post(f"{url}/flush", timeout=60).status_code == 401
+    cases = [({**click, "request_id": "never-served"}, 404), ({**click, "user_id": "someone-else"}, 409),
+             ({**click, "item_id": rec["items"][0]}, 422), ({**click, "position": 7}, 422),
+             ({**click, "ts": 1_701_999_999}, 422)]  # a click before the slate was served
+    for body, code in cases:
+        r = requests.post(f"{url}/feedback", json=body, headers=auth, timeout=60)
+        assert r.status_code == code and r.json()["detail"], (body, r.status_code, r.text)
+    assert requests.post(f"{url}/feedback", json=click, headers=auth, timeout=60).json()["clicks"] == 1
+    r = requests.post(f"{url}/recommend", json={"user_id": user, "ts": 2**40}, timeout=60)
+    assert r.status_code == 422 and "cut-off" in r.text  # beyond the data's max_ts
+
+
+def test_fed_back_clicks_extend_the_served_history(served, tiny_processed, auth):
     """A click sent to /feedback is part of the user's history for requests after it (not before)."""
     url, _ = served
     import pandas as pd
 
     items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()
     user, t_click = "u-fresh-feedback", 1_702_000_000
+    slates = [requests.post(f"{url}/recommend", json={"user_id": user, "k": 3, "ts": t_click}, timeout=60).json()
+              for _ in range(2)]
 
     def scores(ts: int) -> dict[str, float]:
         r = requests.post(f"{url}/rank", json={"user_id": user, "candidates": items[:30], "k": 30, "ts": ts}, timeout=60)
@@ -143,18 +184,21 @@ def test_fed_back_clicks_extend_the_served_history(served, tiny_processed):
         return dict(zip(r.json()["items"], r.json()["scores"], strict=True))
 
     before = scores(t_click + 60)
-    for it in items[30:33]:  # one click per call ...
-        requests.post(f"{url}/feedback", json={"user_id": user, "request_id": "r-fb", "item_id": it, "position": 0,
-                                               "arm": "treatment", "ts": t_click}, timeout=60).raise_for_status()
-    r = requests.post(f"{url}/feedback", json={"user_id": user, "request_id": "r-fb2", "arm": "treatment", "ts": t_click,
+    first, second = slates
+    for p, it in enumerate(first["items"]):  # one click per call ...
+        requests.post(f"{url}/feedback", json={"user_id": user, "request_id": first["request_id"], "item_id": it,
+                                               "position": p, "ts": t_click}, headers=auth, timeout=60
+                      ).raise_for_status()
+    r = requests.post(f"{url}/feedback", json={"user_id": user, "request_id": second["request_id"], "ts": t_click,
                                                "clicks": [{"item_id": it, "position": p}  # ... or a slate's clicks at once
-                                                          for p, it in enumerate(items[33:36])]}, timeout=60)
-    assert r.status_code == 200 and r.json() == {"ok": True, "clicks": 3}
+                                                          for p, it in enumerate(second["items"])]},
+                      headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json() == {"ok": True, "clicks": 3, "duplicates": 0}
     after = scores(t_click + 60)
     assert max(abs(after[i] - before[i]) for i in before) > 1e-3  # the ranker now reads six clicks, not none
     # a request at the click's own time does not see them (strictly before); only the item ages differ by 60 s
     assert scores(t_click) == pytest.approx(before, rel=1e-4)
-    requests.post(f"{url}/flush", timeout=60).raise_for_status()
+    requests.post(f"{url}/flush", headers=auth, timeout=60).raise_for_status()
 
 
 def _bad_requests(users, items):
@@ -253,3 +297,101 @@ def test_a_stage_reloads_when_its_alias_moves_without_dropping_requests(served, 
     assert codes and set(codes) == {200}
     body = requests.post(f"{url}/rank", json={"user_id": "1", "candidates": items, "k": 3}, timeout=60).json()
     assert body["model_version"] == str(new.version)
+
+
+def test_fuzz_no_5xx_no_dropped_connection_on_any_body(served, tiny_processed, auth):
+    """≥ 1,000 malformed bodies (hypothesis, by class: tests/e2e/fuzz_bodies.py) across every
+    endpoint over real HTTP, while good /rank requests flow beside them: every bad body gets a
+    4xx with a reason, no connection is dropped, every good request is a 200, and the service
+    answers afterwards. With FUNNEL_FUZZ_REPORT=path the table (class × status) and the good
+    requests' latency percentiles are written there as JSON."""
+    import os
+    import threading
+    import time
+    from collections import Counter
+
+    import numpy as np
+    import pandas as pd
+    from hypothesis import HealthCheck, given, settings
+
+    from serving.schemas import MAX_BODY_BYTES
+    from tests.e2e.fuzz_bodies import strategies, valid_bodies
+
+    url, _ = served
+    users = _users(tiny_processed)
+    items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()
+    rid = requests.post(f"{url}/recommend", json={"user_id": users[0], "k": 5, "ts": 1_702_000_000},
+                        timeout=60).json()["request_id"]
+    good = valid_bodies(users, items, rid)["/rank"]
+    table: Counter = Counter()
+    failures: list[str] = []
+    latencies: list[float] = []
+    good_codes: Counter = Counter()
+    stop = threading.Event()
+
+    def good_traffic():
+        with requests.Session() as http:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                good_codes[http.post(f"{url}/rank", json=good, timeout=60).status_code] += 1
+                latencies.append(time.perf_counter() - t0)
+
+    http = requests.Session()
+
+    @settings(max_examples=1100, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(strategies(users, items, rid, MAX_BODY_BYTES))
+    def one(case):
+        cls, path, body, headers, mode = case
+        if mode == "token":
+            headers = {**headers, **auth}
+        data = (b for b in (body[: len(body) // 2], body[len(body) // 2:])) if mode == "chunked" else body
+        try:
+            r = http.post(f"{url}{path}", data=data, headers=headers, timeout=60)
+        except requests.RequestException as e:  # a dropped or reset connection
+            table[(cls, "no answer")] += 1
+            failures.append(f"{cls} {path} {body[:60]!r}: {type(e).__name__}")
+            return
+        table[(cls, r.status_code)] += 1
+        ok = 400 <= r.status_code < 500 and r.headers.get("content-type", "").startswith("application/json")
+        if not ok or not r.json().get("detail"):
+            failures.append(f"{cls} {path} {body[:60]!r} [{mode}]: {r.status_code} {r.text[:120]}")
+
+    t = threading.Thread(target=good_traffic)
+    t.start()
+    try:
+        one()
+    finally:
+        stop.set()
+        t.join()
+    sent = sum(table.values())
+    lat = np.array(latencies) * 1000
+    report = {"bad_bodies": sent, "by_class": {f"{c} → {code}": n for (c, code), n in sorted(table.items(), key=str)},
+              "good_requests": dict(good_codes),
+              "good_latency_ms": {q: float(np.percentile(lat, int(q[1:]))) for q in ("p50", "p90", "p99")}}
+    if os.environ.get("FUNNEL_FUZZ_REPORT"):
+        from pathlib import Path
+
+        Path(os.environ["FUNNEL_FUZZ_REPORT"]).write_text(json.dumps(report, indent=1))
+    assert sent >= 1000, report
+    assert not failures, failures[:10]
+    assert set(good_codes) == {200} and len(latencies) > 10, report
+    assert len({c for c, _ in table}) == 9  # every class was drawn
+    ok = requests.post(f"{url}/recommend", json={"user_id": users[0], "k": 3}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["items"]) == 3 and requests.get(f"{url}/healthz").ok
+
+
+def test_oversized_bodies_get_413_with_or_without_content_length(served):
+    """20 MB with a Content-Length, and 2 MB chunked (no Content-Length): a 413 the client can
+    read (no reset connection); the body is never held whole."""
+    url, _ = served
+    big = b'{"user_id": "' + b"x" * 20_000_000 + b'"}'
+    r = requests.post(f"{url}/recommend", data=big, headers={"content-type": "application/json"}, timeout=120)
+    assert r.status_code == 413 and "payload larger" in r.json()["detail"]
+    chunks = (b"x" * 65_536 for _ in range(32))
+    r = requests.post(f"{url}/rank", data=chunks, headers={"content-type": "application/json"}, timeout=120)
+    assert r.status_code == 413 and "payload larger" in r.json()["detail"]
+    r = requests.post(f"{url}/rank", data=b'{"user_id": "\xff"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "UTF-8" in r.json()["detail"]
+    r = requests.post(f"{url}/recommend", data=b'{"user_id": "1", "k": NaN}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "NaN" in r.json()["detail"]

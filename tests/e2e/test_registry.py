@@ -109,6 +109,14 @@ def test_promotion_moves_champion_to_the_versions_the_ab_served(cfg, data_dir):
     assert int(client.get_model_version_by_alias(name, "challenger").version) == v2
     tags = client.get_model_version(name, str(v1)).tags
     assert tags["promotion.abtest_run_id"] == "r-ab" and tags["promotion.lift"] == "+0.1000"
+    # an alias that moved mid-test: two version sets served the treatment arm → nothing moves
+    mixed = ab | {"significant_positive": True, "treatment_versions": {},
+                  "treatment_version_sets": [f"{name}/{v1}", f"{name}/{v2}"]}
+    out = promote(cfg, mixed)
+    assert not out["promoted"] and int(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert "one set of model versions" in out["models"][name]["reason"]
+    assert not promote(cfg, {k: v for k, v in ab.items() if k != "treatment_versions"}
+                       | {"significant_positive": True})["promoted"]  # no record of what served: refused
 
 
 def test_gate_refuses_to_compare_across_datasets(cfg, data_dir, tmp_path):

@@ -68,13 +68,42 @@ def test_sample_ratio_mismatch_is_flagged():
 
 def test_event_log_is_in_the_canonical_format(tmp_path):
     log = EventLog(tmp_path)
-    log.exposures("u1", ["a", "b"], 100, "r1", "treatment")
-    log.click("u1", "b", 101, "r1", 1, "treatment")
+    log.exposures("u1", ["a", "b"], 100, "r1", "treatment", "funnel-karma/1,funnel-lrea/1,funnel-cdnet/2")
+    log.click("u1", "b", 101, "r1", 1, "treatment", "funnel-karma/1,funnel-lrea/1,funnel-cdnet/2")
     log.flush()
     assert log.flush() is None
     ev = read_events(tmp_path)
-    assert list(ev.columns) == ["user_id", "item_id", "ts", "event", "request_id", "position", "arm"]
+    assert list(ev.columns) == ["user_id", "item_id", "ts", "event", "request_id", "position", "arm", "model_versions"]
     assert ev["event"].tolist() == ["impression", "impression", "click"] and ev["position"].tolist() == [0, 1, 1]
+    assert set(ev["model_versions"]) == {"funnel-karma/1,funnel-lrea/1,funnel-cdnet/2"}
+
+
+def test_the_versions_promoted_are_the_ones_the_exposures_record():
+    """Each exposure names the versions that served it; one set throughout → that set, else none."""
+    from jobs.abtest import served_versions
+
+    a, b = "funnel-karma/1,funnel-lrea/1,funnel-cdnet/2", "funnel-karma/1,funnel-lrea/1,funnel-cdnet/3"
+    ev = pd.DataFrame([{"event": "impression", "arm": "treatment", "model_versions": a},
+                       {"event": "impression", "arm": "control", "model_versions": ""},
+                       {"event": "click", "arm": "treatment", "model_versions": a}])
+    assert served_versions(ev, "treatment") == {
+        "treatment_version_sets": [a], "treatment_versions": {"funnel-karma": "1", "funnel-lrea": "1",
+                                                              "funnel-cdnet": "2"}}
+    moved = pd.concat([ev, pd.DataFrame([{"event": "impression", "arm": "treatment", "model_versions": b}])])
+    assert served_versions(moved, "treatment") == {"treatment_version_sets": [a, b], "treatment_versions": {}}
+    assert served_versions(ev.drop(columns="model_versions"), "treatment")["treatment_versions"] == {}
+
+
+def test_served_requests_claim_each_position_once_and_forget_the_oldest():
+    from serving.router import Served, ServedRequests
+
+    reg = ServedRequests(max_requests=2)
+    s1 = Served("u1", "treatment", ["a", "b", "c"], "v", 100)
+    reg.add("r1", s1)
+    assert reg.claim(s1, [0, 2, 0]) == [0, 2] and reg.claim(s1, [2, 1]) == [1]  # idempotent per position
+    reg.add("r2", Served("u2", "control", ["x"], "", 100))
+    reg.add("r3", Served("u3", "control", ["y"], "", 100))
+    assert reg.get("r1") is None and reg.get("r3").user_id == "u3"  # bounded: the oldest is forgotten
 
 
 def test_recent_clicks_are_time_ordered_strictly_before_and_bounded():
