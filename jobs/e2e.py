@@ -10,7 +10,9 @@ logged with its model version) → deploy (Ray Serve on 127.0.0.1) → abtest (s
 users; report to MLflow) → promote (`champion` moves on a significant positive lift).
 
 Each stage writes a marker under runs/e2e/<config>/ so a re-run resumes after the last
-completed stage (`--from` forces a restart there). The abtest stage deploys the funnel
+completed stage (`--from` forces a restart there). A marker carries a hash of the effective
+config (the YAML with every `--set`): a stage whose config changed since it ran runs again,
+and says which keys changed. The abtest stage deploys the funnel
 itself when this process has not (a resumed run).
 """
 
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from configs import FunnelConfig
+from configs import FunnelConfig, flatten, to_dict
 from jobs.common import config_parser, init_ray, load
 
 
@@ -143,6 +145,28 @@ def _running_url(cfg: FunnelConfig) -> str | None:
     return f"http://{cfg.serve.host}:{cfg.serve.port}" if "funnel" in apps else None
 
 
+def config_hash(flat: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def marker_state(marker: Path, flat: dict) -> tuple[bool, str]:
+    """(done, why): whether the stage's marker says it ran with this effective config
+    (`flat`: the flattened config), and if not, why it runs."""
+    if not marker.exists():
+        return False, "not run yet"
+    old = json.loads(marker.read_text())
+    if old.get("config_hash") == config_hash(flat):
+        return True, f"done earlier ({marker})"
+    before = old.get("config") or {}
+    if not before:
+        return False, "its marker has no config hash (an earlier Funnel wrote it); running it again"
+    changed = sorted(k for k in set(before) | set(flat) if str(before.get(k)) != str(flat.get(k)))
+    shown = ", ".join(f"{k}: {before.get(k)!r} → {flat.get(k)!r}" for k in changed[:5])
+    return False, f"the config changed since it ran ({shown}{', ...' if len(changed) > 5 else ''}); running it again"
+
+
 def _mmss(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
@@ -164,17 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     names = list(STAGES)
     todo = [args.only] if args.only else names[names.index(args.start):] if args.start else names
     init_ray()
+    flat = flatten(to_dict(cfg))
     times: dict[str, float] = {}
     for name in todo:
         marker = state_dir / f"{name}.json"
-        if marker.exists() and not (args.only or args.start):
-            print(f"[e2e] {name}: done earlier ({marker}); skipping (use --from {name} to redo)")
+        done, why = marker_state(marker, flat)
+        if done and not (args.only or args.start):
+            print(f"[e2e] {name}: {why}; skipping (use --from {name} to redo)")
             continue
-        print(f"[e2e] {name} ...", flush=True)
+        print(f"[e2e] {name} ... ({why})" if marker.exists() and not (args.only or args.start)
+              else f"[e2e] {name} ...", flush=True)
         t0 = time.time()
         result = STAGES[name](cfg)
         times[name] = time.time() - t0
-        marker.write_text(json.dumps({**result, "seconds": round(times[name], 1)}, indent=2) + "\n")
+        marker.write_text(json.dumps({**result, "seconds": round(times[name], 1), "config_hash": config_hash(flat),
+                                      "config": flat}, indent=2, default=str) + "\n")
     if times:
         print("[e2e] stage times: " + " · ".join(f"{k} {_mmss(v)}" for k, v in times.items())
               + f" · total {_mmss(sum(times.values()))}", flush=True)

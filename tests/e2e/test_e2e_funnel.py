@@ -91,7 +91,7 @@ def test_e2e_runs_every_stage_and_resumes(e2e_run, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         capsys.readouterr()
-        assert e2e.main(e2e_run["args"][:4]) == 0  # resumes: every finished stage is skipped
+        assert e2e.main(e2e_run["args"]) == 0  # resumes: every finished stage is skipped
     assert capsys.readouterr().out.count("done earlier") == len(STAGES)
 
 

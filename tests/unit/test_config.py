@@ -86,3 +86,22 @@ def test_params_for_builds_from_the_section_with_overrides_on_top():
     assert tiny.params_for("lrea")["rank"] == 4  # the tiny preset
     with pytest.raises(ConfigError, match="no config section"):
         cfg.model.params_for("nope")
+
+
+def test_a_stage_marker_resumes_only_under_the_same_effective_config(tmp_path):
+    """The marker carries a hash of the YAML plus every --set: a changed override re-runs the stage, naming the key."""
+    import json
+
+    from jobs.e2e import config_hash, marker_state
+
+    base = flatten(to_dict(load_config(ROOT / "configs" / "tiny.yaml")))
+    marker = tmp_path / "train.json"
+    assert marker_state(marker, base) == (False, "not run yet")
+    marker.write_text(json.dumps({"seconds": 1.0, "config_hash": config_hash(base), "config": base}))
+    done, why = marker_state(marker, base)
+    assert done and "done earlier" in why
+    changed = {**base, "train.epochs": base["train.epochs"] + 1}  # what `--set train.epochs=...` does
+    done, why = marker_state(marker, changed)
+    assert not done and "train.epochs" in why and "running it again" in why
+    marker.write_text(json.dumps({"seconds": 1.0}))  # an earlier Funnel's marker: no hash
+    assert marker_state(marker, base)[0] is False
