@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.examples import numpy_frame, smoothed_ctr
+from pipeline.examples import PastPrior, numpy_frame, smoothed_ctr
 from pipeline.vocab import Vocab, encode_titles, tokenize
 
 ITEM_FIELDS = ("item_idx", "cat_idx", "brand_idx")
@@ -149,9 +149,10 @@ RANKING_COLUMNS = [
 ]  # + profile fields + split
 
 
-def finalize(df: pd.DataFrame, ft: FeatureTables, prior: float, strength: float, long_len: int, short_len: int,
+def finalize(df: pd.DataFrame, ft: FeatureTables, prior: PastPrior, strength: float, long_len: int, short_len: int,
              n_hard: int) -> pd.DataFrame:
-    """Exposure rows with counters → the ranking-example schema (vocab ids, context, rates)."""
+    """Exposure rows with counters → the ranking-example schema (vocab ids, context, rates). The
+    CTRs are smoothed towards the past-only prior of each row's day (`PastPrior`)."""
     df = numpy_frame(df)
     ik, uk, ts = df["item_key"].to_numpy(), df["user_key"].to_numpy(), df["ts"].to_numpy()
     pos = df["position"].to_numpy()
@@ -177,8 +178,9 @@ def finalize(df: pd.DataFrame, ft: FeatureTables, prior: float, strength: float,
     for c in ("user_active_days_7", "user_active_days_30", "user_exposures_before", "user_clicks_before",
               "item_exposures_before", "item_clicks_before"):
         out[c] = df[c].to_numpy().astype(np.int32)
-    out["user_ctr"] = smoothed_ctr(out["user_clicks_before"].to_numpy(), out["user_exposures_before"].to_numpy(), prior, strength)
-    out["item_ctr"] = smoothed_ctr(out["item_clicks_before"].to_numpy(), out["item_exposures_before"].to_numpy(), prior, strength)
+    p = prior.at(ts)
+    out["user_ctr"] = smoothed_ctr(out["user_clicks_before"].to_numpy(), out["user_exposures_before"].to_numpy(), p, strength)
+    out["item_ctr"] = smoothed_ctr(out["item_clicks_before"].to_numpy(), out["item_exposures_before"].to_numpy(), p, strength)
     fs = ft.first_seen[ik]
     out["item_age_days"] = np.where(fs >= 0, np.maximum(ts - fs, 0) / 86_400.0, -1.0).astype(np.float32)
     out["is_sampled_negative"] = (df["event"].to_numpy() == "sampled_negative").astype(np.int8)

@@ -45,6 +45,8 @@ class ExampleContext:
     seed: int = 0
     # Sampling distribution over item keys (index = item key; 0 = padding never sampled).
     item_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Each item key's first-seen time (release; -1 unknown): a sampled negative must be available at ts.
+    item_first_seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def numpy_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -155,7 +157,9 @@ def _pair_clicks(ev: pd.DataFrame, window: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _sample_negatives(pos: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
-    """`num_negatives` items per positive (label-1 exposure), never one the user clicked at or before its ts."""
+    """`num_negatives` items per positive (label-1 exposure), never one the user clicked at or before its
+    ts, and only items available at ts (first seen at or before it; an unknown release time counts as
+    available)."""
     k = ctx.num_negatives
     if k <= 0 or len(pos) == 0:
         return pos.iloc[0:0]
@@ -172,9 +176,10 @@ def _sample_negatives(pos: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
     ck = pos["user_key"].to_numpy() * n_keys + pos["item_key"].to_numpy()
     first_click = pd.Series(pos["click_ts"].to_numpy()).groupby(ck).min()
     keys, first_ts = first_click.index.to_numpy(), first_click.to_numpy()
+    released = ctx.item_first_seen if len(ctx.item_first_seen) == n_keys else np.full(n_keys, -1, np.int64)
     items = np.zeros(len(u), dtype=np.int64)
     todo = np.ones(len(u), dtype=bool)
-    for _ in range(8):  # a few rejection rounds over all pending draws at once
+    for _ in range(16):  # rejection rounds over all pending draws at once (early rows: few items out yet)
         idx = np.nonzero(todo)[0]
         if len(idx) == 0:
             break
@@ -182,7 +187,7 @@ def _sample_negatives(pos: pd.DataFrame, ctx: ExampleContext) -> pd.DataFrame:
         ck_q = u[idx] * n_keys + cand
         p = np.minimum(np.searchsorted(keys, ck_q), max(len(keys) - 1, 0))
         bad = (keys[p] == ck_q) & (first_ts[p] <= t[idx]) if len(keys) else np.zeros(len(idx), bool)
-        ok = ~bad & (cand > 0)
+        ok = ~bad & (cand > 0) & (released[cand] <= t[idx])
         items[idx[ok]] = cand[ok]
         todo[idx[ok]] = False
     keep = ~todo
@@ -296,7 +301,49 @@ def item_counters(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def smoothed_ctr(clicks: np.ndarray, exposures: np.ndarray, prior: float, strength: float) -> np.ndarray:
+DEFAULT_PRIOR = 0.05  # the smoothing prior where nothing was logged yet
+
+
+def daily_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Per day: logged exposures (by their ts) and clicks (by their click time) of a partition;
+    summed over partitions, `PastPrior.from_counts` turns them into the past-only prior."""
+    df = numpy_frame(df)
+    logged = (df["event"] != "sampled_negative").to_numpy()
+    clicked = df["label"].to_numpy() == 1
+    exp = pd.Series(1, index=df["ts"].to_numpy()[logged] // DAY).groupby(level=0).sum()
+    clk = pd.Series(1, index=df["click_ts"].to_numpy()[clicked] // DAY).groupby(level=0).sum()
+    out = pd.DataFrame({"exposures": exp, "clicks": clk}).fillna(0).astype(np.int64)
+    return out.rename_axis("day").reset_index()
+
+
+@dataclass
+class PastPrior:
+    """The CTR smoothing prior as of each day, past-only like every other counter: the logged
+    CTR of all exposures before that day's start (clicks counted by their own time), or
+    DEFAULT_PRIOR where nothing came before. `at(ts)` looks it up per row."""
+
+    day0: int
+    prior: np.ndarray  # (days,) the prior of day day0 + i
+
+    @classmethod
+    def from_counts(cls, counts: pd.DataFrame) -> PastPrior:
+        c = counts.groupby("day")[["exposures", "clicks"]].sum()
+        if c.empty:
+            return cls(0, np.array([DEFAULT_PRIOR]))
+        days = np.arange(int(c.index.min()), int(c.index.max()) + 2)
+        c = c.reindex(days, fill_value=0)
+        exp_before = np.r_[0, np.cumsum(c["exposures"].to_numpy())[:-1]]
+        clk_before = np.r_[0, np.cumsum(c["clicks"].to_numpy())[:-1]]
+        prior = np.where(exp_before > 0, clk_before / np.maximum(exp_before, 1), DEFAULT_PRIOR)
+        return cls(int(days[0]), np.clip(prior, 1e-4, 1 - 1e-4))
+
+    def at(self, ts: np.ndarray) -> np.ndarray:
+        i = np.clip(np.asarray(ts, dtype=np.int64) // DAY - self.day0, 0, len(self.prior) - 1)
+        return self.prior[i]
+
+
+def smoothed_ctr(clicks: np.ndarray, exposures: np.ndarray, prior: float | np.ndarray,
+                 strength: float) -> np.ndarray:
     """(clicks + strength·prior) / (exposures + strength): past-only and shrunk to the prior."""
     return ((clicks + strength * prior) / (exposures + strength)).astype(np.float32)
 

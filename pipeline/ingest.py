@@ -29,7 +29,16 @@ import pyarrow.parquet as pq
 
 from configs import FunnelConfig
 from pipeline.catalog import Catalog, FeatureTables, build_catalog, finalize
-from pipeline.examples import ExampleContext, annotate_user_events, assign_split, item_counters, numpy_frame
+from pipeline.examples import (
+    DEFAULT_PRIOR,
+    ExampleContext,
+    PastPrior,
+    annotate_user_events,
+    assign_split,
+    daily_counts,
+    item_counters,
+    numpy_frame,
+)
 from pipeline.outputs import (
     click_rows,
     combine_moments,
@@ -138,6 +147,7 @@ def _context(plan: Plan, cat: Catalog, train_clicks: pd.Series) -> ExampleContex
         max_hard_negatives=d.max_hard_negatives,
         seed=plan.cfg.world.seed,
         item_weights=cat.weights_by_key(train_clicks) + 1e-3,  # a floor so every item can be drawn
+        item_first_seen=FeatureTables.from_catalog(cat).first_seen,
     )
 
 
@@ -189,11 +199,11 @@ def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: R
     p1 = annotate_user_events(keyed, ctx)
     dups = _dup_rejects(p1)
     exp = _split_and_bucket(p1, t_val, t_test, 1)
-    prior = float(exp.loc[exp["split"] == "train", "label"].mean()) if (exp["split"] == "train").any() else 0.05
+    prior = float(exp.loc[exp["split"] == "train", "label"].mean()) if (exp["split"] == "train").any() else DEFAULT_PRIOR
     p2 = item_counters(exp)
     ft = FeatureTables.from_catalog(cat)
     d = cfg.data
-    fin = finalize(p2, ft, prior, d.ctr_prior_strength, d.long_len, d.short_len, d.max_hard_negatives)
+    fin = finalize(p2, ft, PastPrior.from_counts(daily_counts(exp)), d.ctr_prior_strength, d.long_len, d.short_len, d.max_hard_negatives)
     fin = fin.sort_values(["ts", "user_key", "item_key", "request_id"], kind="stable").reset_index(drop=True)
     ranking_rows(fin, d.max_hard_negatives).to_parquet(out / "ranking", partition_cols=["split"], index=False)
     pq.write_to_dataset(retrieval_rows(fin, ft, d.max_hard_negatives, cat.profile_fields), out / "retrieval",
@@ -274,12 +284,13 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     ).materialize()
     del p1
     train_n = exp.filter(expr=col("split") == "train")
-    prior = float(train_n.mean("label")) if train_n.count() else 0.05
+    prior = float(train_n.mean("label")) if train_n.count() else DEFAULT_PRIOR
+    past_prior = PastPrior.from_counts(exp.map_batches(daily_counts, batch_format="pandas").to_pandas())
     ft = FeatureTables.from_catalog(cat)
     d = cfg.data
     fin = exp.groupby("ibucket", num_partitions=P).map_groups(item_counters, batch_format="pandas").map_batches(
         finalize, batch_format="pandas",
-        fn_kwargs={"ft": ft, "prior": prior, "strength": d.ctr_prior_strength, "long_len": d.long_len,
+        fn_kwargs={"ft": ft, "prior": past_prior, "strength": d.ctr_prior_strength, "long_len": d.long_len,
                    "short_len": d.short_len, "n_hard": d.max_hard_negatives},
     ).materialize()
     del exp

@@ -78,3 +78,46 @@ def test_deleting_the_future_changes_no_past_feature(rows, cut, has_imp):
     if not has_imp:  # sampled negatives are random draws: compare the logged rows
         a, b = a[a.event != "sampled_negative"].reset_index(drop=True), b[b.event != "sampled_negative"].reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+def _prior_rows(rows):
+    from pipeline.examples import PastPrior, daily_counts
+
+    ex = features(frame(rows), True)
+    return ex, PastPrior.from_counts(daily_counts(ex)).at(ex["ts"].to_numpy())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(event, min_size=1, max_size=40), st.integers(0, 40))
+def test_the_ctr_smoothing_prior_is_past_only(rows, cut):
+    """Each row's prior is the logged CTR of exposures before its day (clicks by their own time);
+    deleting every event at or after T changes no prior of a row before T."""
+    from pipeline.examples import DEFAULT_PRIOR
+
+    ex, prior = _prior_rows(rows)
+    logged = ex[ex.event != "sampled_negative"]
+    clicks = ex[ex.label == 1]
+    for p, ts in zip(prior, ex["ts"], strict=True):
+        start = ts // DAY * DAY
+        n, c = (logged.ts < start).sum(), (clicks.click_ts < start).sum()
+        assert p == np.clip(c / n, 1e-4, 1 - 1e-4) if n else p == DEFAULT_PRIOR
+    T = cut * DAY // 4
+    trunc_rows = [r for r in rows if r[2] < T]
+    if trunc_rows:
+        ex_t, prior_t = _prior_rows(trunc_rows)
+        key = ["user_key", "item_key", "ts", "request_id", "event"]
+        a = ex.assign(prior=prior)[lambda d: d.ts < T].sort_values(key)[key + ["prior"]].reset_index(drop=True)
+        b = ex_t.assign(prior=prior_t)[lambda d: d.ts < T].sort_values(key)[key + ["prior"]].reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(event, min_size=1, max_size=40), st.lists(st.integers(-1, 40), min_size=6, max_size=6))
+def test_sampled_negatives_are_items_available_at_ts(rows, released_quarter_days):
+    """Without impressions, negatives are sampled: never an item released after the example's ts."""
+    first_seen = np.r_[-1, [q * DAY // 4 if q >= 0 else -1 for q in released_quarter_days]].astype(np.int64)
+    ctx = ExampleContext(has_impressions=False, num_negatives=3, item_weights=np.r_[0.0, np.ones(6)],
+                         item_first_seen=first_seen)
+    a = annotate_user_events(frame(rows), ctx)
+    neg = a[a["event"] == "sampled_negative"]
+    assert (first_seen[neg["item_key"].to_numpy()] <= neg["ts"].to_numpy()).all()
