@@ -68,7 +68,7 @@ def confounding(world, store, root: Path, n_users: int, seed: int) -> dict[str, 
     p_all = world.click_probabilities(uu, ii, np.zeros(len(uu)), np.full(len(uu), world.log_end_ts))
     p_all = p_all.reshape(len(users), len(ids)).mean(0)
     served = store.item_num["item_ctr"][keys]
-    return {"items": int(len(keys)), "logged_ctr_vs_true_ctr_of_logged_audience": _spearman(served, per["p_logged"]),
+    return {"items": len(keys), "logged_ctr_vs_true_ctr_of_logged_audience": _spearman(served, per["p_logged"]),
             "logged_ctr_vs_true_ctr_of_all_users": _spearman(served, p_all),
             "true_ctr_logged_audience_vs_all_users": _spearman(per["p_logged"].to_numpy(), p_all),
             "clicks_vs_true_ctr_of_all_users": _spearman(store.item_num["item_clicks_before"][keys], p_all)}

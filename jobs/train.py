@@ -38,9 +38,19 @@ def train_and_register(cfg, data: Path, model_name: str, params: dict | None, ti
     history = [{k: v for k, v in row.items() if not k.startswith("test_")} for row in history]
     final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "best_val_"))}
     run_id = log_run(cfg, model_name, params, history, final, data, model, task.spec, tiny=tiny)
-    decision = register_with_gate(model_name, run_id, metric=f"test_{task.metric}")
+    decision = register_with_gate(model_name, run_id, metric=f"test_{task.metric}",
+                                  reevaluate=lambda uri: champion_on(task, uri, data, task.metric))
     return {"model": model_name, "run_id": run_id, "registered": decision["model"], "version": decision["version"],
             "challenger": decision["challenger"], "gate": decision["reason"], **final}
+
+
+def champion_on(task, uri: str, data: Path, metric: str) -> float:
+    """The registered model at `uri` scored on this data's test split (the gate's like-with-like
+    comparison when the champion was tested on older data)."""
+    from training.registry import load_model
+    from training.tasks import evaluate_split
+
+    return float(evaluate_split(task, load_model(uri), data, "test")[metric])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -161,9 +162,14 @@ def _finite(v: Any) -> bool:
 # --------------------------------------------------------------------------- registry gate
 
 
-def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc") -> dict[str, Any]:
+def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc",
+                       reevaluate: Callable[[str], float] | None = None) -> dict[str, Any]:
     """Register the run's model folder as a new version of funnel-<model>; alias it
-    `challenger` only if it beats `champion` on `metric` over the same dataset fingerprint."""
+    `challenger` only if it beats `champion` (and the current challenger) on `metric`, like
+    with like: when the champion was tested on another dataset fingerprint (a daily retrain
+    on new logs), `reevaluate(model_uri)` scores the champion on this run's test split and
+    the gate compares against that (recorded on the champion as
+    `gate.reevaluated.<fingerprint>.<metric>`); without `reevaluate` such a gate refuses."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -187,11 +193,19 @@ def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc") -
         o_run = client.get_run(other.run_id)
         o_fp = o_run.data.tags.get("dataset_fingerprint", "")
         o_val = o_run.data.metrics.get(metric, float("nan"))
-        decision |= {f"{alias}_version": int(other.version), f"{alias}_value": o_val}
         if o_fp != fp:
-            if alias == "champion":
-                reasons.append(f"champion was tested on another dataset ({o_fp} != {fp}); re-evaluate it first")
-            continue  # a challenger from other data is simply replaced
+            if alias != "champion":
+                continue  # a challenger from other data is simply replaced
+            if reevaluate is None:
+                reasons.append(f"champion was tested on another dataset ({o_fp} != {fp}) and no re-evaluation "
+                               "was given")
+                continue
+            tag = f"gate.reevaluated.{fp}.{metric}"
+            cached = other.tags.get(tag)
+            o_val = float(cached) if cached is not None else float(reevaluate(f"models:/{name}/{other.version}"))
+            client.set_model_version_tag(name, other.version, tag, str(o_val))
+            decision["champion_reevaluated_on"] = fp
+        decision |= {f"{alias}_version": int(other.version), f"{alias}_value": o_val}
         if not value > o_val:
             reasons.append(f"{metric} {value:.5f} <= {alias} {o_val:.5f}")
     if reasons:

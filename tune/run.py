@@ -161,7 +161,11 @@ def finish(cfg: FunnelConfig, data_dir: str, model: str, table: pd.DataFrame, be
     tuned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=float(best["lr"])))
     run_id = log_run(tuned, model, params, [], final | {f"best_{metric}": float(best[metric])}, data_dir, net,
                      task.spec)
-    decision = (register_with_gate(model, run_id, metric=test_metric) if test_metric in final
+    from jobs.train import champion_on
+
+    decision = (register_with_gate(model, run_id, metric=test_metric,
+                                   reevaluate=lambda uri: champion_on(task, uri, Path(data_dir), task.metric))
+                if test_metric in final
                 else {"challenger": False, "reason": "best trial has no test metrics"})
     return {"best": {k: v for k, v in best.items() if k != "checkpoint_path"}, "run_id": run_id, **decision}
 

@@ -119,6 +119,34 @@ def test_promotion_moves_champion_to_the_versions_the_ab_served(cfg, data_dir):
                        | {"significant_positive": True})["promoted"]  # no record of what served: refused
 
 
+def test_gate_reevaluates_the_champion_on_new_data_for_a_daily_retrain(cfg, data_dir):
+    """New logs (another fingerprint): the champion is scored on the new test split and the
+    new version is compared with that, not refused."""
+    import json
+
+    import mlflow
+
+    r1, _ = _run(cfg, data_dir, 0.70)
+    d1 = register_with_gate("dcnv2", r1)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("funnel-dcnv2", "champion", d1["version"])
+    (data_dir / "feature_spec.json").write_text(json.dumps({"fingerprint": "fp-2"}))
+    asked = []
+
+    def reevaluate(uri):
+        asked.append(uri)
+        return 0.60  # the old champion on the new data
+
+    d2 = register_with_gate("dcnv2", _run(cfg, data_dir, 0.65)[0], reevaluate=reevaluate)
+    assert d2["challenger"] and d2["champion_value"] == 0.60 and d2["champion_reevaluated_on"] == "fp-2"
+    assert asked == [f"models:/funnel-dcnv2/{d1['version']}"]
+    d3 = register_with_gate("dcnv2", _run(cfg, data_dir, 0.62, seed=1)[0], reevaluate=reevaluate)
+    assert not d3["challenger"] and "0.62000 <= challenger 0.65000" in d3["reason"]
+    assert asked == [asked[0]]  # the re-evaluation is recorded on the champion and reused
+    tags = client.get_model_version("funnel-dcnv2", str(d1["version"])).tags
+    assert tags["gate.reevaluated.fp-2.test_auc"] == "0.6"
+
+
 def test_gate_refuses_to_compare_across_datasets(cfg, data_dir, tmp_path):
     import json
 

@@ -106,8 +106,8 @@ def test_the_ctr_smoothing_prior_is_past_only(rows, cut):
     if trunc_rows:
         ex_t, prior_t = _prior_rows(trunc_rows)
         key = ["user_key", "item_key", "ts", "request_id", "event"]
-        a = ex.assign(prior=prior)[lambda d: d.ts < T].sort_values(key)[key + ["prior"]].reset_index(drop=True)
-        b = ex_t.assign(prior=prior_t)[lambda d: d.ts < T].sort_values(key)[key + ["prior"]].reset_index(drop=True)
+        a = ex.assign(prior=prior)[lambda d: d.ts < T].sort_values(key)[[*key, "prior"]].reset_index(drop=True)
+        b = ex_t.assign(prior=prior_t)[lambda d: d.ts < T].sort_values(key)[[*key, "prior"]].reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b, check_dtype=False)
 
 
