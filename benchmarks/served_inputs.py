@@ -149,14 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     batcher = RankingBatcher.from_dir(root, seq_len=b.seq_len)
     df = {s: _split(root, "ranking", s, b.train_rows if s == "train" else b.eval_rows, a.seed)
           for s in ("train", "val", "test")}
+    data = {s: _batches(batcher, d, b.batch_size, s) for s, d in df.items()}  # every column, for every variant
     models, offline = {}, {}
     for v in a.variants.split(","):
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
         drop = VARIANTS[v]
-        spec = batcher.spec.subset(lambda f, drop=drop: f not in drop)
-        bt = RankingBatcher(spec, batcher.history, b.seq_len)
-        data = {s: _batches(bt, d, b.batch_size, s) for s, d in df.items()}
+        spec = batcher.spec.subset(lambda f, drop=drop: f not in drop)  # the model reads only these
         model, res = fit_rank(name, {}, spec, data, b, a.seed, a.lr, cfg.model)
         models[v], offline[v] = model.eval(), {kk: res[kk] for kk in ("auc", "gauc", "val_auc", "epochs")
                                                 if kk in res}
