@@ -43,16 +43,20 @@ def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
                 "ci": f"[{lift.get('ci_low', float('nan')):+.4f}, {lift.get('ci_high', float('nan')):+.4f}]",
                 "p_value": f"{lift.get('p_value', float('nan')):.4g}", "estimator": decided_on,
                 "srm_mismatch": str(ab.get("srm", {}).get("mismatch"))}
-    moves = {}
+    served = {}  # registered name → the version the A/B served (None: not on record); all move or none
     for model in (cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker):
         name = registered_name(model)
         tested = str(tested_all.get(name, "?"))
         try:
-            ch = client.get_model_version(name, tested) if tested.isdigit() else None
+            served[name] = client.get_model_version(name, tested) if tested.isdigit() else None
         except MlflowException:
-            ch = None
+            served[name] = None
+    if any(v is None for v in served.values()):
+        ok, why_not = False, f"a model of the funnel has no served version on record ({why_not})"
+    moves = {}
+    for name, ch in served.items():
         if ch is None:
-            moves[name] = {"promoted": False, "reason": f"no served version of {name} on record ({why_not})"}
+            moves[name] = {"promoted": False, "reason": why_not}
             continue
         try:
             prev = client.get_model_version_by_alias(name, "champion").version
@@ -65,7 +69,7 @@ def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
         for k, v in (evidence | decision).items():
             client.set_model_version_tag(name, ch.version, f"promotion.{k}", str(v))
         moves[name] = decision
-    return {"promoted": ok and all(m.get("promoted") for m in moves.values()), **evidence, "models": moves}
+    return {"promoted": ok, **evidence, "models": moves}
 
 
 def main(argv: list[str] | None = None) -> int:
