@@ -202,7 +202,7 @@ class ServeConfig:
     # in the environment, else this file (the deploying jobs create it, random, mode 0600)
     token_file: str = "runs/serve_token"
     auth_all: bool = False
-    served_requests: int = 200_000  # request ids the ingress remembers for /feedback (LRU)
+    served_requests: int = 100_000  # request ids the ingress remembers for /feedback (LRU; ~1 KB each)
 
 
 @dataclass

@@ -102,7 +102,7 @@ class ServedRequests:
     """request id → Served, the last `max_requests` (LRU). Per ingress replica: with several
     ingress replicas a click must reach the replica that served it (or a shared store)."""
 
-    def __init__(self, max_requests: int = 200_000):
+    def __init__(self, max_requests: int = 100_000):
         self.max_requests = max_requests
         self._served: OrderedDict[str, Served] = OrderedDict()
         self._lock = threading.Lock()
