@@ -66,6 +66,12 @@ def combine_moments(parts: pd.DataFrame) -> dict[str, tuple[float, float]]:
     return out
 
 
+# The version of the feature definitions, part of the dataset fingerprint: the same logs under a
+# changed feature definition are another dataset, so the registry gate re-evaluates the champion
+# on them instead of comparing numbers computed on different inputs. 2: the past-only CTR prior.
+FEATURES_VERSION = 2
+
+
 def partial_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per-batch partial statistics of the examples, combined by `combine_summary`:
     rows and positives per (split, history length), and an order-independent hash."""
@@ -90,7 +96,7 @@ def combine_summary(parts: pd.DataFrame) -> dict[str, Any]:
     cdf = hist.cumsum() / max(hist.sum(), 1)
     quant = {str(q): float(hist.index[np.searchsorted(cdf.to_numpy(), q)]) for q in (0.1, 0.5, 0.9, 0.99)} if len(hist) else {}
     total = int(per["rows"].sum())
-    digest = f"{int(per['hash_hi'].sum())}:{int(per['hash_lo'].sum())}:{total}"
+    digest = f"{int(per['hash_hi'].sum())}:{int(per['hash_lo'].sum())}:{total}:features-v{FEATURES_VERSION}"
     return {"splits": splits, "seq_len_long_quantiles": quant,
             "fingerprint": hashlib.sha256(digest.encode()).hexdigest()[:16]}
 
