@@ -8,20 +8,13 @@ model quality (benchmarks/fidelity.py and the demo's A/B are).
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]  # the e2e fixture runs every stage
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 STAGES = ["ingest", "train", "tune", "index", "deploy", "abtest", "promote"]
@@ -37,7 +30,7 @@ def e2e_run(ray_session, tmp_path_factory):
     from jobs import e2e
 
     root = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # runs/ (markers, MLflow, Ray Train storage, event log) lands in the temp folder
         args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"data.output={root / 'processed'}",

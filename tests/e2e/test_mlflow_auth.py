@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import ROOT, free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -31,7 +25,7 @@ def auth_server(tmp_path):
     ini = (ROOT / "mlflow" / "basic_auth.ini").read_text().replace("sqlite:////auth/basic_auth.db",
                                                                    f"sqlite:///{tmp_path / 'auth.db'}")
     (tmp_path / "auth.ini").write_text(ini)
-    port, password = _free_port(), "test-Admin-pass-1"
+    port, password = free_port(), "test-Admin-pass-1"
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"}
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
