@@ -85,11 +85,11 @@ def parallel_fit_config(cfg: FunnelConfig, lanes: int, cpus: float) -> FunnelCon
     import dataclasses
 
     from training.loop import cpu_share
-    from training.registry import resolve_tracking_uri, setup_tracking
+    from training.registry import is_uri, resolve_tracking_uri, setup_tracking
 
     setup_tracking(cfg.tracking)
     t, tr = cfg.train, cfg.tracking
-    art = tr.artifact_location if "://" in tr.artifact_location else str(Path(tr.artifact_location).resolve())
+    art = tr.artifact_location if is_uri(tr.artifact_location) else str(Path(tr.artifact_location).resolve())
     share = cpu_share(t.cpus_per_worker, lanes * t.num_workers, cpus)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, output=str(Path(cfg.data.output).resolve())),

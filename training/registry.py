@@ -100,6 +100,14 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def is_uri(location: str) -> bool:
+    """An artifact location with a scheme (s3://…, file:///…, mlflow-artifacts:/… — the last has
+    no "//"), as opposed to a local folder path."""
+    import re
+
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", location) is not None
+
+
 def setup_tracking(t: TrackingConfig) -> str:
     """Point MLflow at `t.uri` (SQLite by default) and an experiment whose artifacts go to an
     explicit location (never a cwd-relative ./mlruns). Returns the experiment id."""
@@ -113,7 +121,7 @@ def setup_tracking(t: TrackingConfig) -> str:
     if exp is not None:
         return exp.experiment_id
     loc = t.artifact_location
-    if "://" not in loc:
+    if not is_uri(loc):
         Path(loc).mkdir(parents=True, exist_ok=True)
         loc = Path(loc).resolve().as_uri()
     return mlflow.create_experiment(t.experiment, artifact_location=loc)

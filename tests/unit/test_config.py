@@ -105,3 +105,11 @@ def test_a_stage_marker_resumes_only_under_the_same_effective_config(tmp_path):
     assert not done and "train.epochs" in why and "running it again" in why
     marker.write_text(json.dumps({"seconds": 1.0}))  # an earlier Funnel's marker: no hash
     assert marker_state(marker, base)[0] is False
+
+
+def test_artifact_locations_with_a_scheme_are_not_local_folders():
+    """mlflow-artifacts:/funnel (the server-proxied store the MLflow README recommends) has no "//"."""
+    from training.registry import is_uri
+
+    assert is_uri("mlflow-artifacts:/funnel") and is_uri("s3://b/mlflow") and is_uri("file:///tmp/a")
+    assert not is_uri("runs/mlartifacts") and not is_uri("/abs/path") and not is_uri("./x:y")
