@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,12 +46,12 @@ from tqdm import tqdm
 
 from configs import ModelConfig, load_config
 from models import build_model
-from models.karma import KARMA, KARMAConfig
+from models.karma import KARMAConfig
 from models.lrea import serving_gap
 from training.batches import RankingBatcher, RetrievalBatcher
 from training.fit import fit_early_stopping
 from training.floors import evaluate_floors
-from training.retrieval import Catalogue, evaluate_retrieval, retrieval_metrics
+from training.retrieval import Catalogue, evaluate_retrieval, popularity_topk, retrieval_metrics
 from training.step import predict_ranking, ranking_metrics
 
 STATE = ("user_clicks_before", "item_clicks_before")
@@ -72,6 +73,7 @@ class Budget:
     seq_len: int = 100
     karma_len: int = 20
     k: int = 50
+    served: tuple[int, int] = (500, 100)  # serve.retrieve_top_n, serve.popular_n: the merged recall's sizes
     thresholds: dict[str, int] = field(default_factory=lambda: {"new_user_max_clicks": 2, "cold_item_max_clicks": 2})
 
 
@@ -109,7 +111,19 @@ CORE = {"mean_pool", "din (short seq)", "din (short seq, no softmax)", "din (lon
         "adaf2m2:dcnv2",
         "lrea λ=0", "lrea λ=0.3"}
 KARMA_SIM_ROW = "dcnv2 + karma_sim"
-RETRIEVAL = ["popularity", "two_tower", "adaf2m2:two_tower", "karma action-only (λ_dec=0)", "karma (λ_dec=0.5)"]
+# (row label, model name, params over its config section); "popularity" is computed, not fitted
+RETRIEVAL_ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("two_tower", "two_tower", {}),
+    ("two_tower (no item counters)", "two_tower", {"item_counters": False}),
+    ("adaf2m2:two_tower", "adaf2m2:two_tower", {}),
+    ("karma action-only (λ_dec=0)", "karma", {"lam_dec": 0.0}),
+    ("karma (λ_dec=0.5)", "karma", {"lam_dec": 0.5}),
+    ("karma (λ_dec=0.5), no log-q / uniform negatives", "karma", {"lam_dec": 0.5, "logq": False, "uniform_negatives": 0}),
+    ("variant: karma + item bias", "karma", {"lam_dec": 0.5, "item_bias": True}),
+    ("variant: karma + ID embedding", "karma", {"lam_dec": 0.5, "id_embedding": True}),
+]
+RETRIEVAL = ["popularity"] + [r for r, *_ in RETRIEVAL_ROWS]
+KARMA_BEST = "karma (λ_dec=0.5)"  # the paper's form, the one the KARMA-similarity ranking row reads
 
 # (claim, better row, worse row, metric)
 CLAIMS: list[tuple[str, str, str, str]] = [
@@ -135,6 +149,14 @@ CLAIMS: list[tuple[str, str, str, str]] = [
     ("KARMA decodability lifts HR@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "hr"),
     ("KARMA decodability lifts cold-start HR@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "hr_cold"),
     ("KARMA decodability keeps JS@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "js"),
+    ("log-q + uniform negatives lift KARMA's HR@K", "karma (λ_dec=0.5)",
+     "karma (λ_dec=0.5), no log-q / uniform negatives", "hr"),
+    ("KARMA > popularity on cold-start HR@K", "karma (λ_dec=0.5)", "popularity", "hr_cold"),
+    ("KARMA ≥ the two-tower (HR@K)", "karma (λ_dec=0.5)", "two_tower", "hr"),
+    ("merged recall (KARMA ∪ popularity) > popularity at the served size", "karma (λ_dec=0.5)", "popularity",
+     "merged_served"),
+    ("merged recall (two-tower ∪ popularity) > popularity at the served size", "two_tower", "popularity",
+     "merged_served"),
     ("KARMA similarity lifts ranking AUC", KARMA_SIM_ROW, "dcnv2", "auc"),
     ("best paper model > best floor", "_best_model", "_best_floor", "auc"),
 ]
@@ -190,49 +212,80 @@ def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, se
 
 
 def fit_retr(model: torch.nn.Module, data: dict[str, list], cat: Catalogue, b: Budget, seed: int) -> dict:
+    """Train until val HR@K stops improving (patience, at most b.epochs; the best epoch's weights
+    are tested), then the test split at the served sizes (merged recall, popularity alone)."""
     opt = torch.optim.Adam(model.parameters(), lr=b.lr)
     t0 = time.perf_counter()
-    fit_early_stopping(model, _shuffled(data["train"], seed), lambda: evaluate_retrieval(model, data["val"], cat, b.k),
-                       f"hr_{b.k}", opt, epochs=b.epochs, patience=b.patience)
-    out = evaluate_retrieval(model, data["test"], cat, b.k)
-    return _retr_keys(out, b.k) | {"seconds": time.perf_counter() - t0}
+    best_epoch, history = fit_early_stopping(
+        model, _shuffled(data["train"], seed), lambda: evaluate_retrieval(model, data["val"], cat, b.k), f"hr_{b.k}",
+        opt, epochs=b.epochs, patience=b.patience)
+    out = evaluate_retrieval(model, data["test"], cat, b.k, served=b.served)
+    return _retr_keys(out, b) | {"seconds": time.perf_counter() - t0, "epochs": len(history), "best_epoch": best_epoch,
+                                 "steps": len(data["train"]) * len(history),
+                                 "curve": [round(h[f"val_hr_{b.k}"], 4) for h in history]}
 
 
-def _retr_keys(m: dict[str, float], k: int) -> dict[str, float]:
-    """hr_50 → hr etc., so claims and tables do not depend on K."""
-    return {key.replace(f"_{k}", ""): v for key, v in m.items()}
+def _retr_keys(m: dict[str, float], b: Budget) -> dict[str, float]:
+    """hr_50 → hr, merged_hr_500+100 → merged_served etc., so claims and tables do not depend on K."""
+    r, p = b.served
+    out = dict(m)
+    for old, new in ((f"merged_hr_{r}+{p}", "merged_served"), (f"pop_hr_{r + p}", "pop_served"),
+                     (f"retr_hr_{r}", "retr_served"), (f"pop_hr_{p}", "pop_channel")):
+        for suffix in ("", "_cold"):
+            if old + suffix in out:
+                out[new + suffix] = out.pop(old + suffix)
+    return {re.sub(f"_{b.k}(?=$|_cold$)", "", key): v for key, v in out.items()}
 
 
-def popularity(train: pd.DataFrame, test: pd.DataFrame, cat: Catalogue, k: int) -> dict[str, float]:
-    counts = np.bincount(train["item_key"].to_numpy(), minlength=len(cat.titles))
-    counts[0] = -1
-    top = np.argsort(-counts, kind="stable")[:k]
-    return _retr_keys(retrieval_metrics(np.tile(top, (len(test), 1)), test["item_key"].to_numpy(), cat, k), k)
+def popularity(test: pd.DataFrame, cat: Catalogue, b: Budget) -> dict[str, float]:
+    """Popularity alone: the most-clicked train items released at each row's ts, at K and at the
+    served merged size (its "merged" value is itself at that size)."""
+    r, p = b.served
+    ts, target = test["ts"].to_numpy(), test["item_key"].to_numpy()
+    top = popularity_topk(cat, ts, r + p)
+    out = _retr_keys(retrieval_metrics(top, target, cat, b.k), b)
+    hit = (top == target[:, None]).any(1)
+    out |= {"merged_served": float(hit.mean()), "pop_served": float(hit.mean()),
+            "pop_channel": float((top[:, :p] == target[:, None]).any(1).mean())}
+    cold = cat.oov[target]
+    if cold.any():
+        out["merged_served_cold"] = float(hit[cold].mean())
+    return out
 
 
 # --------------------------------------------------------------------------- one dataset
 
 
-def run_retrieval(root: Path, cat: Catalogue, retr_b: RetrievalBatcher, b: Budget, seed: int, want, add):
-    """Popularity, the two-tower (plain and AdaF2M2) and KARMA (action-only and λ_dec > 0) on one
-    seed's sample of the retrieval rows; returns the trained KARMA (λ_dec > 0) or None."""
-    rdf = {s: _split(root, "retrieval", s, b.retrieval_train_rows if s == "train" else b.retrieval_eval_rows, seed)
-           for s in ("train", "val", "test")}
+def run_retrieval(root: Path, cat: Catalogue, retr_b: RetrievalBatcher, b: Budget, seed: int, want, add,
+                  models: ModelConfig | None = None):
+    """Popularity, the two-towers and the KARMA rows (RETRIEVAL_ROWS, each built from its config
+    section with the row's params on top) on one seed's sample of the retrieval rows; returns
+    the trained KARMA_BEST (for the KARMA-similarity ranking row) or None."""
+    from training.tasks import karma_for
+
+    rdf = {s: _split(root, "retrieval", s, b.retrieval_train_rows if s == "train" else b.retrieval_eval_rows,
+                     seed if s == "train" else 0) for s in ("train", "val", "test")}
     rdata = {s: _batches(retr_b, d, b.batch_size, f"retrieval {s}") for s, d in rdf.items()}
-    add("popularity", popularity(rdf["train"], rdf["test"], cat, b.k))
-    for name in ("two_tower", "adaf2m2:two_tower"):
-        if want(name):
-            torch.manual_seed(seed)
-            add(name, fit_retr(build_model(name, retr_b.spec, None, tiny=True), rdata, cat, b, seed))
+    add("popularity", popularity(rdf["test"], cat, b))
+    models = models or ModelConfig()
     karma = None
-    for row, lam in (("karma action-only (λ_dec=0)", 0.0), ("karma (λ_dec=0.5)", 0.5)):
-        if want(row) or (lam > 0 and want(KARMA_SIM_ROW)):
-            torch.manual_seed(seed)
-            m = KARMA(KARMAConfig(dim=32, text_dim=32, decoder_hidden=64, decoder_layers=2, decoder_heads=4,
-                                  decoder_kv_heads=2, decoder_intermediate=128, lam_dec=lam), cat.titles,
-                      max_history=b.karma_len)
-            add(row, fit_retr(m, rdata, cat, b, seed))
-            karma = m if lam > 0 else karma
+    for row, name, params in RETRIEVAL_ROWS:
+        if not (want(row) or (row == KARMA_BEST and want(KARMA_SIM_ROW))):
+            continue
+        torch.manual_seed(seed)
+        full = models.params_for(name, params)
+        if name == "karma":
+            from models import make_config
+
+            m = karma_for(make_config(KARMAConfig, full, f"fidelity row {row!r}"), cat, b.karma_len)
+        else:
+            m = build_model(name, retr_b.spec, full)
+        res = fit_retr(m, rdata, cat, b, seed)
+        add(row, res)
+        print(f"  {row:<48} hr@{b.k} {res['hr']:.4f}  cold {res.get('hr_cold', float('nan')):.4f}  merged "
+              f"{res['merged_served']:.4f}  cos {res.get('user_cos', float('nan')):.3f}  epochs {res['epochs']}  "
+              f"({res['seconds']:.0f}s)", flush=True)
+        karma = m if row == KARMA_BEST else karma
     return karma
 
 
@@ -252,7 +305,11 @@ def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None =
     retr_b = RetrievalBatcher.from_dir(root, seq_len=b.karma_len, logq=cat.logq)
     for seed in seeds:
         print(f"[fidelity] {root.name} seed {seed}", flush=True)
-        karma = run_retrieval(root, cat, retr_b, b, seed, want, add) if "retrieval" in parts else None
+        karma = run_retrieval(root, cat, retr_b, b, seed, want, add, models) if "retrieval" in parts else None
+        if "ranking" not in parts:
+            if on_seed is not None:
+                on_seed(result(seeds[: seeds.index(seed) + 1]))
+            continue
         # ---- ranking
         # the train sample follows the seed; val / test samples are the same rows for every seed
         df = {s: _split(root, "ranking", s, b.train_rows if s == "train" else b.eval_rows, seed if s == "train" else 0)
@@ -326,13 +383,17 @@ def lrea_table(res: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def retrieval_table(res: dict[str, list[dict]], k: int) -> str:
-    cols = ["hr", "ndcg", "js", "hr_cold"]
-    lines = ["| model | " + " | ".join(f"{c.replace('_cold', '')}@{k}{' cold' if 'cold' in c else ''}" for c in cols)
-             + " |", "|---|" + "---:|" * len(cols)]
+def retrieval_table(res: dict[str, list[dict]], k: int, served: tuple[int, int]) -> str:
+    r, p = served
+    cols = [("hr", f"HR@{k}"), ("ndcg", f"NDCG@{k}"), ("js", f"JS@{k}"), ("hr_cold", f"HR@{k} cold"),
+            ("merged_served", f"merged HR ({r} ∪ {p} popular)"), ("merged_served_cold", "merged HR cold"),
+            ("user_cos", "user cos"), ("user_eff_rank", "eff. rank")]
+    lines = ["| model | " + " | ".join(c for _, c in cols) + " | epochs | s/fit |", "|---|" + "---:|" * (len(cols) + 2)]
     for row in RETRIEVAL:
         if row in res:
-            lines.append(f"| {row} | " + " | ".join(_fmt([m.get(c) for m in res[row]]) for c in cols) + " |")
+            ep, sec = mean_std([m.get("epochs") for m in res[row]])[0], mean_std([m.get("seconds") for m in res[row]])[0]
+            lines.append(f"| {row} | " + " | ".join(_fmt([m.get(c) for m in res[row]]) for c, _ in cols)
+                         + f" | {'–' if ep != ep else f'{ep:.1f}'} | {'–' if sec != sec else f'{sec:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -372,12 +433,15 @@ def report(out: dict[str, Any]) -> str:
             f"epoch is tested); Adam, learning rate swept per model family over {list(b.get('lrs', [b['lr']]))} on seed "
             f"{out['seeds'][0]} and chosen on val; batch {b['batch_size']}, D = {b['embed_dim']}, history "
             f"{b['seq_len']} (short 20).\n")
-    parts = [head, "Ranking (test split; steps = optimiser steps per fit, mean over seeds):", ranking_table(out["results"]),
-             "LREA: train/serve gap against λ (test rows):", lrea_table(out["results"])]
+    parts = [head]
+    if any("auc" in ms[0] for ms in out["results"].values()):
+        parts += ["Ranking (test split; steps = optimiser steps per fit, mean over seeds):", ranking_table(out["results"]),
+                  "LREA: train/serve gap against λ (test rows):", lrea_table(out["results"])]
     if any(r in out["results"] for r in RETRIEVAL):
-        parts += [f"Retrieval (test split, full catalogue; {b['retrieval_train_rows']:,} train clicks, "
+        parts += [f"Retrieval (test split, the items released at each row's time; "
+                  f"{b['retrieval_train_rows']:,} train clicks, "
                   f"{b['retrieval_eval_rows']:,} val / test, K = {b['k']}, KARMA history {b['karma_len']}):",
-                  retrieval_table(out["results"], b["k"])]
+                  retrieval_table(out["results"], b["k"], tuple(b.get("served", (500, 100))))]
     return "\n\n".join([*parts, "Claims:", claims_table(out["results"])])
 
 
@@ -391,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-rows", type=int, default=Budget.train_rows)
     p.add_argument("--eval-rows", type=int, default=Budget.eval_rows)
     p.add_argument("--epochs", type=int, default=Budget.epochs, help="the most epochs a fit may take")
+    p.add_argument("--retrieval-train-rows", type=int, default=Budget.retrieval_train_rows)
+    p.add_argument("--retrieval-eval-rows", type=int, default=Budget.retrieval_eval_rows)
     p.add_argument("--patience", type=int, default=Budget.patience, help="epochs without a new best val AUC")
     p.add_argument("--lrs", default=",".join(map(str, Budget.lrs)), help="the per-family learning-rate sweep")
     p.add_argument("--batch-size", type=int, default=Budget.batch_size)
@@ -412,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     b = Budget(train_rows=a.train_rows, eval_rows=a.eval_rows, epochs=a.epochs, patience=a.patience,
+               retrieval_train_rows=a.retrieval_train_rows, retrieval_eval_rows=a.retrieval_eval_rows,
                batch_size=a.batch_size, lrs=tuple(float(x) for x in a.lrs.split(",")), device=device)
     subset = {"paper": PAPER, "core": CORE, "all": None}[a.rows]
     only = set(a.only.split(",")) if a.only else (None if subset is None else subset | set(RETRIEVAL) | {KARMA_SIM_ROW})

@@ -163,6 +163,7 @@ class TrainConfig:
     max_val_rows: int = 0  # a fixed random sample of val (early stopping, curves); 0 = all rows
     max_test_rows: int = 0  # a fixed random sample of test; 0 = all. The registry gate reads test: keep 0
     retrieval_k: int = 50  # HR/NDCG/JS@K of retrieval models; early stopping on val HR@K
+    retrieval_epochs: int = 0  # the most epochs of a retrieval fit (one row per click: far fewer rows); 0 = epochs
     new_user_max_clicks: int = 2  # AUC per state group: users with at most this many past clicks are "new"
     cold_item_max_clicks: int = 2  # items with at most this many past clicks are "cold"
     parallel_models: int = 1  # jobs.e2e: the funnel's models fitted side by side (1 = one after another)

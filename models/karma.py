@@ -1,8 +1,9 @@
 """KARMA: next-interest embeddings from a decoder-only LLM, trained with an action loss and
 train-only decodability (paper 004). Retrieval: items and users in one d-dim space.
 
-Notation: B batch, L history length, T title tokens, H negatives per row, d retrieval
-dim, h decoder hidden size, V title vocabulary (+1 for the start-of-title token).
+Notation: B batch, L history length, T title tokens, H hard negatives per row, U uniform
+negatives per row, d retrieval dim, h decoder hidden size, V title vocabulary (+1 for the
+start-of-title token), N item keys.
 
 - Item encoder: item text → e_i ∈ R^d. (a) a small text Transformer over the title's
   token ids, trained here; or (b) a frozen pretrained sentence encoder whose vectors
@@ -11,14 +12,34 @@ dim, h decoder hidden size, V title vocabulary (+1 for the start-of-title token)
 - User decoder: a Hugging Face `Qwen3ForCausalLM` built from a `Qwen3Config` (tiny by
   default) or loaded with `from_pretrained(path, local_files_only=True)`; the history
   [start, e_1 … e_n] enters as `inputs_embeds` (left-padded, explicit position ids);
-  h_t = the last hidden state at the last position, projected to d.
-- L_act (eq. 5): −log σ(h·e_pos − h·e_neg), averaged over hard negatives (shown in the
-  same request, not clicked) and in-batch negatives (other rows' targets, other items).
+  h_t = the last hidden state at the last position; the user vector u = W_u h_t ∈ R^d is
+  what queries the index.
+- L_act (eq. 5): −log σ(s⁺ − s⁻), "where N_t contains exposed-but-unclicked items (hard
+  negatives) and in-batch negatives". What the paper leaves open, fixed here (each a knob):
+  * the groups are averaged separately and weighted (`w_hard`, `w_in_batch`, `w_uniform`):
+    at B = 1,024 the in-batch pairs outnumber the hard ones ~100:1 and would otherwise be
+    the whole loss;
+  * in-batch negatives are other rows' targets, i.e. drawn in proportion to popularity; with
+    `logq` each in-batch pair compares the corrected scores s − log q (Yi et al., 2019), so
+    the optimum is log p(i|u), not the lift log p(i|u) − log q(i);
+  * `uniform_negatives` extra negatives per row drawn uniformly from the items released at
+    the row's time (`released` ≤ ts): the catalogue's never-clicked items become negatives
+    too, as they are candidates at evaluation.
 - Decodability (train-only): L_gen — the target's title tokens decoded after the history
-  (teacher forcing in the same forward pass); L_recon — the title decoded from h_t alone
-  (a second, T-long forward). L = L_act + λ_dec (L_gen + L_recon); λ_dec = 0 is the
-  action-only baseline and skips the decoding work. Optional warm-up: `warmup_loss`
-  decodes each item's title from e_i alone.
+  (teacher forcing in the same forward pass); L_recon — the title decoded from the indexed
+  user vector u alone (through the same d → h map as the items', a second, T-long forward).
+  L = L_act + λ_dec (L_gen + L_recon); λ_dec = 0 is the action-only baseline and skips the
+  decoding work. λ_dec ramps linearly from 0 over `lam_dec_ramp_steps` after the warm-up:
+  the title cross-entropy starts at ~log V ≈ 6–8 per term against L_act ≈ 0.69.
+- Two-stage schedule (§2.5, "we adopt a two-stage schedule: (i) a semantic warm-up that
+  teaches the decoder to decode item semantics from isolated e_i ... and (ii) joint
+  training"): the first `warmup_steps` optimiser steps train the warm-up loss alone (each
+  batch item's title decoded from e_i), then joint training. The step count is a model
+  buffer, so every loop (Ray Train, the benchmarks) runs the same schedule.
+- Labelled variants (not the paper's content-only item embedding; off by default):
+  `item_bias` scores [e_i; b_i]·[u; 1] (still an inner product, so FAISS serves it);
+  `id_embedding` adds an item-ID embedding to the text embedding, dropped to zero with
+  probability `id_dropout` per item in training (an OOV / cold item has none).
 - Serving: `encode_items` and `encode_users`; the LM head never runs there.
 """
 
@@ -47,18 +68,34 @@ class KARMAConfig:
     decoder_kv_heads: int = 2
     decoder_intermediate: int = 128
     lam_dec: float = 0.5
+    lam_dec_ramp_steps: int = 50  # λ_dec rises linearly from 0 over these steps after the warm-up
+    warmup_steps: int = 20  # stage (i): semantic warm-up only (each step decodes ~the whole catalogue's
+    # titles: a batch's targets and hard negatives); 0 = joint training from the first step
     in_batch_negatives: bool = True
+    logq: bool = True  # log-q correction of the in-batch negatives (needs item_logq in the batch)
+    uniform_negatives: int = 32  # per row, uniform over the items released at the row's ts
+    w_hard: float = 1.0  # weights of the three negative groups' mean pair losses
+    w_in_batch: float = 1.0
+    w_uniform: float = 1.0
+    item_bias: bool = False  # variant: [e_i; b_i]·[u; 1]
+    id_embedding: bool = False  # variant: + item-ID embedding (ID dropout below)
+    id_dropout: float = 0.5
 
     def __post_init__(self):
         if self.text_encoder not in ("small", "features"):
             raise ValueError(f"text_encoder must be 'small' or 'features', got {self.text_encoder!r}")
         if self.lam_dec < 0:
             raise ValueError(f"lam_dec must be >= 0, got {self.lam_dec}")
+        for name in ("w_hard", "w_in_batch", "w_uniform", "uniform_negatives", "warmup_steps", "lam_dec_ramp_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.id_dropout < 1:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
 
     @classmethod
     def tiny(cls) -> KARMAConfig:
         return cls(dim=16, text_dim=16, decoder_hidden=32, decoder_layers=1, decoder_heads=2, decoder_kv_heads=1,
-                   decoder_intermediate=32)
+                   decoder_intermediate=32, warmup_steps=2, lam_dec_ramp_steps=2, uniform_negatives=8)
 
 
 class SmallTextEncoder(nn.Module):
@@ -109,14 +146,22 @@ class KARMA(nn.Module):
     Config = KARMAConfig
 
     def __init__(self, cfg: KARMAConfig, title_tokens: Tensor, max_history: int, text_features: Tensor | None = None,
-                 decoder_config: dict | None = None, vocab: int | None = None):
-        """title_tokens (n_keys, T): the item table's title ids by item key (row 0 = padding);
-        text_features (n_keys, F): precomputed sentence vectors when text_encoder == "features".
-        Both are saved with the weights, so a saved model is self-contained; `decoder_config`
-        (an HF config dict) rebuilds the decoder's architecture when loading one."""
+                 decoder_config: dict | None = None, vocab: int | None = None, item_idx: Tensor | None = None,
+                 released: Tensor | None = None, id_vocab: int | None = None):
+        """title_tokens (N, T): the item table's title ids by item key (row 0 = padding);
+        text_features (N, F): precomputed sentence vectors when text_encoder == "features";
+        item_idx (N,): each key's ID in the train vocabulary (1 = OOV; the ID-embedding variant);
+        released (N,): each key's release time (first seen; -1 unknown = always available),
+        for the uniform negatives. All are saved with the weights, so a saved model is
+        self-contained; `decoder_config` (an HF config dict) rebuilds the decoder's
+        architecture when loading one."""
         super().__init__()
         self.cfg, self.max_history = cfg, max_history
+        n = title_tokens.shape[0]
         self.register_buffer("titles", title_tokens.long())
+        self.register_buffer("item_idx", (item_idx if item_idx is not None else torch.ones(n)).long())
+        self.register_buffer("released", (released if released is not None else torch.full((n,), -1)).long())
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)
         self.title_len = title_tokens.shape[1]
         # title vocabulary + 1 start-of-title token; given explicitly when reloading
         self.vocab = vocab or (int(title_tokens.max().item()) + 2 if title_tokens.numel() else 2)
@@ -131,35 +176,68 @@ class KARMA(nn.Module):
             self.text = None
             text_out = text_features.shape[1]
         self.item_proj = nn.Linear(text_out, cfg.dim)
+        self.id_vocab = id_vocab or int(self.item_idx.max().item()) + 1
+        if cfg.id_embedding:  # rows 0 (padding) and 1 (OOV) stay zero: a cold item has only its text
+            self.id_emb = nn.Embedding(self.id_vocab, cfg.dim)
+            nn.init.zeros_(self.id_emb.weight)
+        if cfg.item_bias:
+            self.bias = nn.Embedding(n, 1)
+            nn.init.zeros_(self.bias.weight)
         self.decoder = build_decoder(cfg, self.vocab, max_history + 1 + self.title_len, decoder_config)
         h = self.decoder.config.hidden_size
         self.start = nn.Parameter(torch.randn(h) * 0.02)
         self.to_hidden = nn.Linear(cfg.dim, h)
         self.user_proj = nn.Linear(h, cfg.dim)
 
+    @property
+    def in_warmup(self) -> bool:
+        return int(self.steps) <= self.cfg.warmup_steps if self.training else False
+
     def loss_weights(self) -> dict[str, float]:
-        return {"gen": self.cfg.lam_dec, "recon": self.cfg.lam_dec} if self.cfg.lam_dec > 0 else {}
+        """λ_dec for L_gen and L_recon, ramped over `lam_dec_ramp_steps` after the warm-up (the
+        training step reads this after the forward pass that counted the step)."""
+        if self.cfg.lam_dec <= 0:
+            return {}
+        after = int(self.steps) - self.cfg.warmup_steps
+        ramp = 1.0 if self.cfg.lam_dec_ramp_steps == 0 else min(1.0, max(after, 0) / self.cfg.lam_dec_ramp_steps)
+        return {"gen": self.cfg.lam_dec * ramp, "recon": self.cfg.lam_dec * ramp}
 
     # ------------------------------------------------------------------ serving API
 
-    def encode_items(self, keys: Tensor) -> Tensor:
-        """(...,) item keys → (..., d) item embeddings e_i."""
+    def _content(self, keys: Tensor) -> Tensor:
+        """(...,) keys → (..., d): the paper's item embedding (text), plus the ID variant's term."""
         flat = keys.reshape(-1)
         uniq, inv = torch.unique(flat, return_inverse=True)  # encode each item once per call
         x = self.text(self.titles[uniq]) if self.text is not None else self.features[uniq]
-        return self.item_proj(x)[inv].reshape(*keys.shape, -1)
+        e = self.item_proj(x)
+        if self.cfg.id_embedding:
+            ids = self.item_idx[uniq]
+            keep = ids > 1
+            if self.training and self.cfg.id_dropout > 0:
+                keep = keep & (torch.rand(ids.shape, device=ids.device) >= self.cfg.id_dropout)
+            e = e + self.id_emb(ids) * keep.unsqueeze(-1).to(e.dtype)
+        return e[inv].reshape(*keys.shape, -1)
+
+    def encode_items(self, keys: Tensor) -> Tensor:
+        """(...,) item keys → (..., d) item embeddings e_i, or (..., d + 1) [e_i; b_i] with `item_bias`."""
+        e = self._content(keys)
+        return torch.cat([e, self.bias(keys).to(e.dtype)], -1) if self.cfg.item_bias else e
 
     def encode_titles(self, tokens: Tensor) -> Tensor:
-        """(N, T) title token ids of items the model has never seen → (N, d): cold-start items
-        enter the index from their text alone (small text encoder only)."""
+        """(N, T) title token ids of items the model has never seen → (N, d) (or d + 1 with a
+        zero bias): cold-start items enter the index from their text alone (small text encoder only)."""
         if self.text is None:
             raise ValueError("text_encoder='features' embeds precomputed vectors; encode new items with models/text.py")
-        return self.item_proj(self.text(tokens.long()))
+        e = self.item_proj(self.text(tokens.long()))
+        return torch.cat([e, e.new_zeros(len(e), 1)], -1) if self.cfg.item_bias else e
+
+    def _query(self, user: Tensor) -> Tensor:
+        return torch.cat([user, user.new_ones(len(user), 1)], -1) if self.cfg.item_bias else user
 
     def _history_inputs(self, hist_keys: Tensor, hist_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """inputs_embeds (B, L+1, h) = [pad…, start, e_1…e_n], attention mask, position ids."""
         B, L = hist_keys.shape
-        e = self.to_hidden(self.encode_items(hist_keys))  # (B, L, h)
+        e = self.to_hidden(self._content(hist_keys))  # (B, L, h)
         x = torch.cat([e.new_zeros(B, 1, e.shape[-1]), e], 1)
         pos = torch.arange(L + 1, device=e.device)[None, :]
         first = (L - hist_len.clamp(max=L))[:, None]  # index of the start token
@@ -171,9 +249,10 @@ class KARMA(nn.Module):
         return self.decoder.model(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
 
     def encode_users(self, hist_keys: Tensor, hist_len: Tensor) -> Tensor:
-        """(B, L) history item keys, left-padded, and lengths → (B, d) user next-interest h_t."""
+        """(B, L) history item keys, left-padded, and lengths → (B, d) user vectors u = W_u h_t
+        (B, d + 1) [u; 1] with `item_bias`)."""
         x, mask, pos = self._history_inputs(hist_keys, hist_len)
-        return self.user_proj(self._decode(x, mask, pos)[:, -1])
+        return self._query(self.user_proj(self._decode(x, mask, pos)[:, -1]))
 
     # ------------------------------------------------------------------ training
 
@@ -198,39 +277,75 @@ class KARMA(nn.Module):
         x, mask, pos = self._append_title(prefix.unsqueeze(1), one, torch.zeros_like(one), title)
         return self._title_ce(self._decode(x, mask, pos)[:, -title.shape[1]:], title)
 
-    def action_loss(self, user: Tensor, target: Tensor, target_keys: Tensor, hard: Tensor, hard_keys: Tensor) -> Tensor:
-        """Pairwise −log σ(u·e⁺ − u·e⁻) over hard and in-batch negatives (eq. 5)."""
-        pos = (user * target).sum(-1, keepdim=True)  # (B, 1)
-        diffs, valid = [pos - torch.einsum("bd,bhd->bh", user, hard)], [hard_keys > 0]
-        if self.cfg.in_batch_negatives:
-            diffs.append(pos - user @ target.T)  # (B, B)
-            valid.append(target_keys[:, None] != target_keys[None, :])
-        d, v = torch.cat(diffs, 1), torch.cat(valid, 1)
-        loss = -F.logsigmoid(d)
-        return (loss * v).sum() / v.sum().clamp_min(1)
+    def action_loss(self, user: Tensor, tgt: Tensor, hard_keys: Tensor, uni_keys: Tensor,
+                    logq: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Eq. 5, −log σ(s⁺ − s⁻), per negative group: the mean over each group's valid pairs,
+        weighted by w_hard / w_in_batch / w_uniform (groups with no valid pair drop out).
+        user (B, d), tgt (B,), hard_keys (B, H), uni_keys (B, U) keys (0 = none), logq (B,).
+        Returns the loss and the positive scores s⁺ (B,)."""
+        c = self.cfg
+        q = self._query(user)
+        e_t = self.encode_items(tgt)
+        pos = (q * e_t).sum(-1, keepdim=True)  # (B, 1)
+        groups: dict[str, tuple[Tensor, Tensor, float]] = {}
+        if hard_keys.shape[1] and c.w_hard > 0:
+            groups["hard"] = (pos - torch.einsum("bd,bhd->bh", q, self.encode_items(hard_keys)),
+                              (hard_keys > 0) & (hard_keys != tgt[:, None]), c.w_hard)
+        if c.in_batch_negatives and c.w_in_batch > 0:
+            s = q @ e_t.T  # (B, B): row b against every row's target
+            d = pos - s
+            if c.logq and logq is not None:
+                d = d - (logq[:, None] - logq[None, :])  # (s⁺ − log q⁺) − (s⁻ − log q⁻)
+            groups["in_batch"] = (d, tgt[:, None] != tgt[None, :], c.w_in_batch)
+        if uni_keys.shape[1] and c.w_uniform > 0:
+            groups["uniform"] = (pos - torch.einsum("bd,bud->bu", q, self.encode_items(uni_keys)),
+                                 (uni_keys > 0) & (uni_keys != tgt[:, None]), c.w_uniform)
+        total, wsum = pos.new_zeros(()), 0.0
+        for d, v, w in groups.values():
+            if v.any():
+                total, wsum = total + w * (-F.logsigmoid(d) * v).sum() / v.sum(), wsum + w
+        return (total / wsum if wsum else pos.sum() * 0), pos.squeeze(-1)
+
+    def uniform_negatives(self, ts: Tensor | None, n: int) -> Tensor:
+        """(B, U) keys drawn uniformly from 1..N−1, 0 where the item was not yet released at the
+        row's ts (unknown release = available). ts (B,) or None (every item available)."""
+        if n == 0 or ts is None:
+            return torch.zeros(0 if ts is None else len(ts), 0, dtype=torch.long, device=self.titles.device)
+        keys = torch.randint(1, len(self.titles), (len(ts), n), device=ts.device)
+        return keys.masked_fill(self.released[keys] > ts[:, None], 0)
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         """batch: hist_item_key (B, L), hist_len (B,), item_key (B,), hard_negs (B, H) keys (0 = none),
-        optional target_title (B, T) (default: the item table's title of item_key)."""
+        optional ts (B,) (uniform negatives), item_logq (B,) (log-q), target_title (B, T)
+        (default: the item table's title of item_key)."""
         hist, lens, tgt = batch["hist_item_key"], batch["hist_len"], batch["item_key"]
         hard_keys = batch.get("hard_negs", tgt.new_zeros(tgt.shape[0], 0))
+        if self.training:
+            self.steps += 1
+        warm = self.in_warmup
+        decode = self.cfg.lam_dec > 0 and not warm
         x, mask, pos = self._history_inputs(hist, lens)
         last = x.shape[1] - 1  # the last history position
-        if self.cfg.lam_dec > 0:
+        if decode:
             # One causal pass over [history; title]: h_t at `last` sees only the history.
             title = batch.get("target_title", self.titles[tgt]).long()
             hidden = self._decode(*self._append_title(x, mask, pos, title))
         else:
             hidden = self._decode(x, mask, pos)
-        h_t = hidden[:, last]
-        user = self.user_proj(h_t)
-        e_t, e_neg = self.encode_items(tgt), self.encode_items(hard_keys)
-        out = ModelOutput(logits=(user * e_t).sum(-1), main_loss=self.action_loss(user, e_t, tgt, e_neg, hard_keys))
-        if self.cfg.lam_dec > 0:
+        user = self.user_proj(hidden[:, last])
+        uni = self.uniform_negatives(batch.get("ts"), self.cfg.uniform_negatives if self.training else 0)
+        act, logits = self.action_loss(user, tgt, hard_keys, uni, batch.get("item_logq"))
+        if warm:  # stage (i): the warm-up alone (the action path joins with weight 0, so every
+            # parameter has a gradient and DDP needs no unused-parameter search)
+            keys = torch.cat([tgt, hard_keys.reshape(-1)])
+            keys = keys[keys > 0]
+            return ModelOutput(logits=logits, main_loss=self.warmup_loss(keys) + 0.0 * act)
+        out = ModelOutput(logits=logits, main_loss=act)
+        if decode:
             out.aux["gen"] = self._title_ce(hidden[:, -title.shape[1]:], title)  # after the history
-            out.aux["recon"] = self._decode_title_from(h_t, title)  # from h_t alone
+            out.aux["recon"] = self._decode_title_from(self.to_hidden(user), title)  # from the indexed u alone
         return out
 
     def warmup_loss(self, keys: Tensor) -> Tensor:
-        """Optional warm-up: decode each item's title from e_i alone, (N,) keys."""
-        return self._decode_title_from(self.to_hidden(self.encode_items(keys)), self.titles[keys])
+        """Stage (i): decode each item's title from its content embedding e_i alone, (N,) keys."""
+        return self._decode_title_from(self.to_hidden(self._content(keys)), self.titles[keys])

@@ -6,7 +6,8 @@ Notation: B batch, D field dim, d tower output dim, F_u / F_i user / item fields
   brand_idx, item_*) are embedded; context fields belong to neither tower.
 - User tower: MLP over the user's fields (user id, profile, user-side counters and
   state) ⊕ the masked mean of the history's behaviors; item tower: MLP over the item's
-  fields (item id, category, brand, item-side counters). Outputs L2-normalised.
+  fields (item id, category, brand, item-side counters; `item_counters: false` leaves the
+  counters out, so the item tower cannot read popularity off them). Outputs L2-normalised.
 - Loss: in-batch sampled softmax with the log-q correction (Yi et al., 2019):
   s_ij = ⟨u_i, v_j⟩ / τ − log q_j, cross-entropy with the diagonal as the positive;
   q_j = the probability that item j is sampled as an in-batch negative (its share of
@@ -42,6 +43,7 @@ class TwoTowerConfig:
     hidden: list[int] = field(default_factory=lambda: [256])
     temperature: float = 0.05
     logq: bool = True
+    item_counters: bool = True  # the item tower reads the item's click counters (with them it can be a popularity model)
     adaf2m2: bool = False
     k: int = 2
     beta: float = 0.1
@@ -97,7 +99,7 @@ class TwoTower(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: TwoTowerConfig):
         super().__init__()
         # Context fields (position, hour, ...) belong to neither tower: they are not embedded.
-        spec = spec.subset(lambda n: is_user_side(n) or is_item_side(n))
+        spec = spec.subset(lambda n: is_user_side(n) or (is_item_side(n) and (cfg.item_counters or n in ITEM_SIDE)))
         self.spec, self.cfg = spec, cfg
         d = cfg.embed_dim
         self.embedding = FieldEmbedding(spec, d)

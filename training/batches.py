@@ -94,6 +94,8 @@ class RetrievalBatcher(RankingBatcher):
         out["item_key"] = torch.as_tensor(np.asarray(rows["item_key"]).astype(np.int64))
         out["hard_negs"] = torch.as_tensor(_column(rows, "hard_negs").astype(np.int64))
         out["target_title"] = torch.as_tensor(_column(rows, "target_title").astype(np.int64))
+        if "ts" in rows:  # availability of candidates at the request time (uniform negatives, evaluation)
+            out["ts"] = torch.as_tensor(np.asarray(rows["ts"]).astype(np.int64))
         if self.logq is not None:
             out["item_logq"] = torch.as_tensor(self.logq[out["item_key"].numpy()])
         return out

@@ -130,6 +130,10 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     ray.data.DataContext.get_current().enable_progress_bars = False
     root = Path(data_dir)
     folder = "retrieval" if is_retrieval(model) else "ranking"
+    if is_retrieval(model) and cfg.train.retrieval_epochs:  # one row per click: its own epoch budget
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.retrieval_epochs))
     datasets = {s: ray.data.read_parquet(str(root / folder / f"split={s}")) for s in ("train", "val", "test")}
     # fixed random samples (same seed, same rows), for budgets like the demo's Tune trials
     limits = {"train": cfg.train.max_train_rows, "val": cfg.train.max_val_rows, "test": cfg.train.max_test_rows}

@@ -50,7 +50,7 @@ def save_model_dir(model: torch.nn.Module, name: str, params: dict | None, spec:
         meta = {"format": FORMAT, "model": name, "params": asdict(model.cfg), "max_history": model.max_history,
                 "vocab": model.vocab, "titles_shape": list(model.titles.shape),
                 "features_shape": list(model.features.shape) if model.text is None else None,
-                "decoder_config": model.decoder.config.to_dict()}
+                "decoder_config": model.decoder.config.to_dict(), "id_vocab": model.id_vocab}
     else:
         meta = {"format": FORMAT, "model": name, "params": params or {}, "tiny": tiny, "spec": asdict(spec)}
     # not sort_keys: the order of the spec's fields is the order of the embedding tokens
@@ -70,7 +70,7 @@ def load_model_dir(path: str | Path) -> torch.nn.Module:
         cfg = KARMAConfig(**meta["params"])
         feats = torch.zeros(meta["features_shape"]) if meta.get("features_shape") else None
         model = KARMA(cfg, torch.zeros(meta["titles_shape"], dtype=torch.long), meta["max_history"], feats,
-                      decoder_config=meta["decoder_config"], vocab=meta["vocab"])
+                      decoder_config=meta["decoder_config"], vocab=meta["vocab"], id_vocab=meta.get("id_vocab"))
     else:
         spec_d = meta["spec"]
         spec_d["id_fields"] = tuple(spec_d["id_fields"])

@@ -1,9 +1,19 @@
-"""Retrieval training and evaluation for KARMA, plain PyTorch (no Ray).
+"""Retrieval training and evaluation for KARMA and the two-tower, plain PyTorch (no Ray).
 
-Evaluation scores every item of the catalogue (exact inner-product top-K; FAISS serves
-the same embeddings later): HR@K, NDCG@K and JS@K (term Jaccard between the target's
-title and the retrieved titles), overall and for cold-start targets — items whose ID
-never appeared in training (item_idx = OOV), which only their text can place.
+Evaluation is the way a recall channel is used. Per test row (a click at time ts):
+
+- candidates: every catalogue item released at ts (`Catalogue.released` ≤ ts; an item
+  not yet released is not a candidate, for any method); exact inner-product top-K (FAISS
+  serves the same embeddings later);
+- the retriever alone, popularity alone (train clicks, the same availability mask) and,
+  with `served=(R, P)`, the merged recall the server uses: the retriever's top R ∪
+  popularity's top P, against popularity alone at the same total size R + P — with the
+  paired per-row difference of the hit and its standard error;
+- HR@K, NDCG@K and JS@K (term Jaccard between the target's title and the retrieved
+  titles), overall and for cold-start targets — items whose ID never appeared in training
+  (item_idx = OOV), which only their text can place (popularity scores them 0);
+- collapse diagnostics of the user vectors: the mean pairwise cosine across users and the
+  effective rank (exp of the entropy of the normalised singular values).
 """
 
 from __future__ import annotations
@@ -34,12 +44,21 @@ class Catalogue:
     features: item-side fields by name, (N + 1,) each — the static IDs from items.parquet and
               the item's past-only counters as of its last train click (0 for never-clicked
               items), i.e. what a serving index knows at the end of training.
+    released: (N + 1,) the item's release time (first seen; −1 unknown = always available).
+    clicks:   (N + 1,) train clicks per item (the popularity list).
     """
 
     titles: torch.Tensor
     oov: np.ndarray
     logq: np.ndarray
     features: dict[str, np.ndarray]
+    released: np.ndarray | None = None
+    clicks: np.ndarray | None = None
+
+    def __post_init__(self):
+        n = len(self.titles)
+        self.released = np.full(n, -1, np.int64) if self.released is None else self.released
+        self.clicks = np.zeros(n) if self.clicks is None else self.clicks
 
     @property
     def keys(self) -> np.ndarray:
@@ -56,6 +75,9 @@ class Catalogue:
         titles[keys] = tt
         oov = np.zeros(n, dtype=bool)
         oov[keys] = items["item_idx"].to_numpy() == 1
+        released = np.full(n, -1, dtype=np.int64)
+        if "first_seen_ts" in items:
+            released[keys] = items["first_seen_ts"].to_numpy()
         feats = {}
         for c in ("item_idx", "cat_idx", "brand_idx"):
             feats[c] = np.zeros(n, dtype=np.int64)
@@ -68,7 +90,7 @@ class Catalogue:
             if np.issubdtype(train[c].dtype, np.number):
                 feats[c] = np.zeros(n, dtype=np.float32)
                 feats[c][last["item_key"].to_numpy()] = last[c].to_numpy()
-        return cls(torch.tensor(titles), oov, logq.astype(np.float32), feats)
+        return cls(torch.tensor(titles), oov, logq.astype(np.float32), feats, released, clicks)
 
 
 @torch.inference_mode()
@@ -95,21 +117,88 @@ def user_vectors(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model.encode_users(batch["hist_item_key"], batch["hist_len"])
 
 
+def collapse_stats(users: np.ndarray, max_users: int = 2_000) -> dict[str, float]:
+    """users (B, d) → mean pairwise cosine across users (1 = every user the same vector) and the
+    effective rank exp(H(σ / Σσ)) of the centred vectors (1 = one direction)."""
+    u = users[:max_users].astype(np.float64)
+    if len(u) < 2:
+        return {}
+    n = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+    c = n @ n.T
+    cos = (c.sum() - np.trace(c)) / (len(u) * (len(u) - 1))
+    sv = np.linalg.svd(u - u.mean(0), compute_uv=False)
+    p = sv / max(sv.sum(), 1e-12)
+    p = p[p > 0]
+    return {"user_cos": float(cos), "user_eff_rank": float(np.exp(-(p * np.log(p)).sum()))}
+
+
 @torch.inference_mode()
 def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], cat: Catalogue, k: int = 50,
-                       device: str = "cpu") -> dict[str, float]:
-    """Exact top-K over the whole catalogue for each row's user; HR/NDCG/JS@K (keys hr_K, ...)."""
-    items = item_vectors(model, cat, device)  # (N, d)
-    got, tgt = [], []
+                       device: str = "cpu", served: tuple[int, int] | None = None) -> dict[str, float]:
+    """The retriever's exact top-K over the items released at each row's ts; HR/NDCG/JS@K
+    (keys hr_K, ...), cold-start HR@K and the collapse diagnostics. With `served=(R, P)` also
+    popularity alone (`pop_*`) and the merged recall at the served sizes (`merged_*`)."""
+    items = item_vectors(model, cat, device)  # (N, d), row i = key i + 1
+    released = torch.as_tensor(cat.released[1:], device=device)
+    depth = max(k, served[0] if served else 0)
+    got, tgt, ts_all, users = [], [], [], []  # rows without ts: every item is available
     for b in batches:
         b = to_device(b, device)
         u = user_vectors(model, b)  # (B, d)
-        top = (u @ items.T).topk(min(k, len(items)), dim=1).indices + 1  # item keys
-        got.append(top.cpu().numpy())
+        s = u @ items.T
+        if "ts" in b:
+            s = s.masked_fill(released[None, :] > b["ts"][:, None], float("-inf"))
+        v, idx = s.topk(min(depth, len(items)), dim=1)
+        got.append(torch.where(torch.isfinite(v), idx + 1, 0).cpu().numpy())  # 0: fewer items released than K
         tgt.append(b["item_key"].cpu().numpy())
+        ts_all.append(b["ts"].cpu().numpy() if "ts" in b else np.full(len(u), np.iinfo(np.int64).max))
+        users.append(u.float().cpu().numpy())
     if not got:
         return {}
-    return retrieval_metrics(np.concatenate(got), np.concatenate(tgt), cat, k)
+    retrieved, target, ts = np.concatenate(got), np.concatenate(tgt), np.concatenate(ts_all)
+    out = retrieval_metrics(retrieved, target, cat, k) | collapse_stats(np.concatenate(users))
+    if served is not None:
+        out |= served_recall(retrieved, target, ts, cat, k, *served)
+    return out
+
+
+def popularity_topk(cat: Catalogue, ts: np.ndarray, k: int, chunk: int = 4_096) -> np.ndarray:
+    """(B, k) the most-clicked train items released at each row's ts (ties by key; 0 pads a
+    catalogue with fewer than k released items)."""
+    n = len(cat.clicks)
+    rank = np.empty(n, dtype=np.float32)
+    rank[np.lexsort((np.arange(n), -cat.clicks))] = -np.arange(n, dtype=np.float32)  # higher = more clicked
+    score = torch.as_tensor(rank[1:])
+    released = torch.as_tensor(cat.released[1:])
+    out = []
+    for i in range(0, len(ts), chunk):
+        t = torch.as_tensor(np.array(ts[i:i + chunk]))
+        s = score[None, :].masked_fill(released[None, :] > t[:, None], float("-inf"))
+        v, idx = s.topk(min(k, n - 1), dim=1)
+        out.append(torch.where(torch.isfinite(v), idx + 1, 0).numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+def served_recall(retrieved: np.ndarray, target: np.ndarray, ts: np.ndarray, cat: Catalogue, k: int, r: int,
+                  p: int) -> dict[str, float]:
+    """Popularity alone at K (`pop_*`), at the channel's P and at the merged size R + P, and the
+    merged recall (retriever top R ∪ popularity top P): HR, its cold-start HR, and the paired
+    per-row difference merged − popularity(R + P) with its standard error."""
+    pop = popularity_topk(cat, ts, r + p)
+    out = {f"pop_{key}": v for key, v in retrieval_metrics(pop, target, cat, k).items() if key not in ("n", "n_cold")}
+    hit_pop_p = (pop[:, :p] == target[:, None]).any(1)
+    hit_pop_all = (pop == target[:, None]).any(1)
+    hit_merged = (retrieved[:, :r] == target[:, None]).any(1) | hit_pop_p
+    d = hit_merged.astype(np.float64) - hit_pop_all
+    out |= {f"pop_hr_{p}": float(hit_pop_p.mean()), f"pop_hr_{r + p}": float(hit_pop_all.mean()),
+            f"retr_hr_{r}": float((retrieved[:, :r] == target[:, None]).any(1).mean()),
+            f"merged_hr_{r}+{p}": float(hit_merged.mean()), "merged_minus_pop": float(d.mean()),
+            "merged_minus_pop_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0}
+    cold = cat.oov[target]
+    if cold.any():
+        out[f"merged_hr_{r}+{p}_cold"] = float(hit_merged[cold].mean())
+        out[f"pop_hr_{r + p}_cold"] = float(hit_pop_all[cold].mean())
+    return out
 
 
 def retrieval_metrics(retrieved: np.ndarray, target: np.ndarray, cat: Catalogue, k: int) -> dict[str, float]:

@@ -71,15 +71,23 @@ class RetrievalTask:
     def build(self, name: str, params: dict | None = None, tiny: bool = False) -> nn.Module:
         if name == "karma":
             from models import make_config
-            from models.karma import KARMA, KARMAConfig
+            from models.karma import KARMAConfig
 
             cfg = make_config(KARMAConfig, params, "model.params (karma)") if params or not tiny else KARMAConfig.tiny()
-            return KARMA(cfg, self.catalogue.titles, max_history=self.batcher.seq_len)
+            return karma_for(cfg, self.catalogue, self.batcher.seq_len)
         return build_model(name, self.spec, params, tiny=tiny)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: Any = "cpu",
                  amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         return evaluate_retrieval(model, batches, self.catalogue, self.k, device)
+
+
+def karma_for(cfg, cat: Catalogue, max_history: int) -> nn.Module:
+    """KARMA over a catalogue: its titles, train-vocabulary IDs and release times travel in the weights."""
+    from models.karma import KARMA
+
+    return KARMA(cfg, cat.titles, max_history=max_history, item_idx=torch.as_tensor(cat.features["item_idx"]),
+                 released=torch.as_tensor(cat.released))
 
 
 def make_task(model: str, data_dir: str | Path, seq_len: int = 0, retrieval_k: int = 50, new_user_max_clicks: int = 2,

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.karma import KARMA, KARMAConfig
 from models.losses import loss_terms, total_loss
@@ -37,8 +38,118 @@ def karma_batch(B=6, seed=0):
 
 
 def karma(titles, **kw):
+    """The tiny KARMA, joint training from the first step unless `warmup_steps` is given."""
     torch.manual_seed(0)
-    return KARMA(KARMAConfig(**{**vars(KARMAConfig.tiny()), **kw}), titles, max_history=L)
+    extra = {k: kw.pop(k) for k in ("item_idx", "released") if k in kw}
+    return KARMA(KARMAConfig(**{**vars(KARMAConfig.tiny()), "warmup_steps": 0, **kw}), titles, max_history=L, **extra)
+
+
+def test_in_batch_pairs_compare_log_q_corrected_scores(titles):
+    """In-batch negatives are other rows' targets (∝ popularity): each pair compares s − log q."""
+    m = karma(titles, w_hard=0.0, uniform_negatives=0).eval()
+    b = karma_batch()
+    b["item_key"] = torch.tensor([1, 2, 3, 4, 5, 6])
+    lq = torch.log(torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.1]))
+    with torch.no_grad():
+        u = m.user_proj(m._decode(*m._history_inputs(b["hist_item_key"], b["hist_len"]))[:, -1])
+        e = m.encode_items(b["item_key"])
+        s = u @ e.T
+        want = torch.stack([-F.logsigmoid((s[i, i] - lq[i]) - (s[i, j] - lq[j])) for i in range(6) for j in range(6)
+                            if i != j]).mean()
+        got, _ = m.action_loss(u, b["item_key"], torch.zeros(6, 0, dtype=torch.long), torch.zeros(6, 0, dtype=torch.long), lq)
+        plain, _ = m.action_loss(u, b["item_key"], torch.zeros(6, 0, dtype=torch.long),
+                                 torch.zeros(6, 0, dtype=torch.long), None)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, plain)
+
+
+def test_negative_groups_are_averaged_apart_and_weighted(titles):
+    """One hard pair weighs as much as the B·(B−1) in-batch pairs (w_hard = w_in_batch = 1)."""
+    m = karma(titles, uniform_negatives=0, logq=False).eval()
+    b = karma_batch()
+    b["item_key"] = torch.arange(1, 7)
+    hard = torch.zeros(6, 3, dtype=torch.long)
+    hard[0, 0] = 9
+    none = torch.zeros(6, 0, dtype=torch.long)
+    with torch.no_grad():
+        u = m.user_proj(m._decode(*m._history_inputs(b["hist_item_key"], b["hist_len"]))[:, -1])
+        both, _ = m.action_loss(u, b["item_key"], hard, none, None)
+        only_ib, _ = m.action_loss(u, b["item_key"], none, none, None)
+        s_pos = (u[0] * m.encode_items(torch.tensor([1]))[0]).sum()
+        hard_term = -F.logsigmoid(s_pos - (u[0] * m.encode_items(torch.tensor([9]))[0]).sum())
+        m.cfg.w_hard = 3.0
+        weighted, _ = m.action_loss(u, b["item_key"], hard, none, None)
+    assert torch.allclose(both, (hard_term + only_ib) / 2, atol=1e-6)
+    assert torch.allclose(weighted, (3 * hard_term + only_ib) / 4, atol=1e-6)
+
+
+def test_uniform_negatives_are_items_released_by_the_rows_time(titles):
+    released = torch.full((N_ITEMS + 1,), -1)
+    released[16:] = 1_000  # keys 16.. arrive at ts 1,000
+    m = karma(titles, uniform_negatives=64, released=released)
+    early = m.uniform_negatives(torch.full((50,), 500), 64)
+    late = m.uniform_negatives(torch.full((50,), 2_000), 64)
+    assert early.shape == (50, 64) and early.max() <= 15 and (early > 0).float().mean() > 0.3
+    assert late.max() > 15 and (late > 0).all()
+    out = m(karma_batch() | {"ts": torch.full((6,), 500)})  # in the training loss
+    assert torch.isfinite(out.main_loss)
+
+
+def test_warmup_then_joint_training_with_a_lam_dec_ramp(titles):
+    """Stage (i) alone for warmup_steps, then the joint loss with λ_dec rising from 0."""
+    m = karma(titles, warmup_steps=2, lam_dec=0.5, lam_dec_ramp_steps=4)
+    b = karma_batch()
+    for _ in range(2):
+        out = m(b)
+        assert not out.aux and m.loss_weights() == {"gen": 0.0, "recon": 0.0}
+        out.main_loss.backward()
+        assert m.user_proj.weight.grad is not None and m.text.tok.weight.grad.abs().sum() > 0
+    lam = []
+    for _ in range(5):
+        out = m(b)
+        assert set(out.aux) == {"gen", "recon"}
+        lam.append(m.loss_weights()["gen"])
+    assert lam == [0.125, 0.25, 0.375, 0.5, 0.5]
+    m.eval()
+    assert set(m(b).aux) == {"gen", "recon"}  # evaluation never runs the warm-up
+
+
+def test_reconstruction_decodes_from_the_indexed_user_vector(titles):
+    m = karma(titles).eval()
+    b = karma_batch()
+    with torch.no_grad():
+        out = m(b)
+        u = m.encode_users(b["hist_item_key"], b["hist_len"])
+        want = m._decode_title_from(m.to_hidden(u), m.titles[b["item_key"]])
+    assert torch.allclose(out.aux["recon"], want, atol=1e-5)
+
+
+def test_item_bias_variant_is_an_inner_product_with_a_bias_coordinate(titles):
+    m = karma(titles, item_bias=True).eval()
+    with torch.no_grad():
+        m.bias.weight[3] = 2.0
+        b = karma_batch()
+        u, e = m.encode_users(b["hist_item_key"], b["hist_len"]), m.encode_items(torch.tensor([3, 4]))
+        content = m._content(torch.tensor([3, 4]))
+    assert u.shape == (6, 17) and e.shape == (2, 17) and torch.all(u[:, -1] == 1)
+    assert torch.allclose(u @ e.T, u[:, :-1] @ content.T + torch.tensor([2.0, 0.0]), atol=1e-5)
+    assert m.encode_titles(m.titles[[3]]).shape == (1, 17)
+
+
+def test_id_embedding_variant_leaves_oov_items_to_their_text(titles):
+    idx = torch.arange(N_ITEMS + 1) + 1
+    idx[[0, 7]] = torch.tensor([0, 1])  # key 7's ID is out of vocabulary
+    m = karma(titles, id_embedding=True, item_idx=idx)
+    with torch.no_grad():
+        m.id_emb.weight.normal_()
+        m.eval()
+        plain = m.item_proj(m.text(m.titles[[7, 8]]))
+        e = m.encode_items(torch.tensor([7, 8]))
+    assert torch.allclose(e[0], plain[0]) and not torch.allclose(e[1], plain[1])
+    m.train()  # ID dropout: some items keep their ID term, some lose it
+    with torch.no_grad():
+        t = m._content(torch.arange(2, N_ITEMS + 1)) - m.item_proj(m.text(m.titles[2:]))
+    dropped = t.abs().sum(-1) < 1e-6
+    assert 0 < dropped.sum() < len(dropped)
 
 
 def test_karma_shapes_and_finite_losses(titles):
@@ -269,3 +380,58 @@ def test_two_tower_round_trips_through_the_model_folder(tmp_path):
     full["hist_len"] = torch.full((7,), spec.seq_len)
     with torch.no_grad():
         assert torch.allclose(m.encode_items(full), m.encode_item_table(items), atol=1e-6)
+
+
+def _catalogue(n=10, released=None, clicks=None, oov=()):
+    from training.retrieval import Catalogue
+
+    titles = torch.arange(1, (n + 1) * 2 + 1).reshape(n + 1, 2)
+    titles[0] = 0
+    o = np.zeros(n + 1, dtype=bool)
+    o[list(oov)] = True
+    return Catalogue(titles, o, np.zeros(n + 1, np.float32), {}, released, clicks)
+
+
+def test_popularity_only_offers_items_released_at_the_rows_time():
+    from training.retrieval import popularity_topk
+
+    clicks = np.array([0, 5, 9, 1, 7, 0, 0, 0, 0, 0, 3], dtype=float)
+    released = np.full(11, -1)
+    released[2] = 100  # the most clicked item arrives at ts 100
+    cat = _catalogue(released=released, clicks=clicks)
+    top = popularity_topk(cat, np.array([50, 150]), 3)
+    assert top.tolist() == [[4, 1, 10], [2, 4, 1]]
+
+
+def test_served_recall_counts_the_union_against_popularity_at_the_same_size():
+    from training.retrieval import served_recall
+
+    clicks = np.array([0, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0], dtype=float)
+    cat = _catalogue(clicks=clicks, oov=(10,))
+    retrieved = np.array([[9, 8], [10, 1], [5, 6]])  # the retriever's top R = 2
+    target = np.array([9, 10, 7])
+    out = served_recall(retrieved, target, np.zeros(3, np.int64), cat, k=2, r=2, p=1)
+    # merged = retriever top 2 ∪ popularity top 1 (item 1); popularity alone at 3 = items 1, 2, 3
+    assert out["merged_hr_2+1"] == pytest.approx(2 / 3) and out["pop_hr_3"] == 0.0 and out["pop_hr_1"] == 0.0
+    assert out["merged_minus_pop"] == pytest.approx(2 / 3) and out["merged_hr_2+1_cold"] == 1.0
+
+
+def test_evaluation_masks_items_not_yet_released():
+    """A retriever that would rank an unreleased item first: at its row's ts the item is not a candidate."""
+    from training.retrieval import evaluate_retrieval
+
+    class Fixed(torch.nn.Module):
+        def encode_items(self, keys):
+            return torch.nn.functional.one_hot(keys, 11).float()
+
+        def encode_users(self, hist, lens):
+            return torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 5.0]]).expand(len(hist), 11)
+
+    released = np.full(11, -1)
+    released[10] = 1_000
+    cat = _catalogue(released=released, clicks=np.arange(11, dtype=float))
+    b = {"hist_item_key": torch.ones(2, 3, dtype=torch.long), "hist_len": torch.ones(2, dtype=torch.long),
+         "item_key": torch.tensor([10, 1]), "ts": torch.tensor([2_000, 500])}
+    out = evaluate_retrieval(Fixed(), [b], cat, k=1, served=(1, 1))
+    assert out["hr_1"] == 1.0  # row 0 finds item 10 (released); row 1 gets item 1, not the unreleased 10
+    assert "user_cos" in out and out["pop_hr_1"] == 0.5  # popularity: item 10 at ts 2,000, item 9 at ts 500
