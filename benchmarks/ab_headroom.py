@@ -13,6 +13,10 @@ comparison is paired. Per slate the mean *true* click probability over positions
 
 - popularity: the control arm (the log's most clicked items);
 - funnel: retrieval → pre-ranking → ranking, exactly as served;
+- where the funnel loses its headroom, stage by stage, for the same requests: the best k the
+  world itself would pick among the retrieved candidates (the recall ceiling: what a perfect
+  pre-ranker and ranker could serve), the same among the pre-ranked top m (what a perfect
+  ranker could serve), and the ranker over all retrieved candidates (no pre-ranking cut);
 - ranker over the catalogue (with --catalogue): the ranker's top k of every known item;
 - oracle: the world's own top k for that user and time.
 
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     users = users[users["registered_ts"] < world.log_end_ts]["user_id"].to_numpy()
     rng = np.random.default_rng(cfg.abtest.seed)
     pos = np.arange(k)
-    names = ["popularity", "funnel", "ranker over the catalogue", "oracle (world's top k)"]
+    names = ["popularity", "funnel", "ceiling: world's best k of the retrieved", "ceiling: world's best k of the pre-ranked",
+             "ranker over all retrieved (no pre-rank cut)", "ranker over the catalogue", "oracle (world's top k)"]
     if not a.catalogue:
         names.remove("ranker over the catalogue")
     per_user = {n: [] for n in names}
@@ -134,11 +139,22 @@ def main(argv: list[str] | None = None) -> int:
                 return world.click_probabilities(np.full(len(items), u), items, pos[: len(items)],
                                                  np.full(len(items), ts))
 
+            def best_of(item_keys: np.ndarray, ts: int = ts, u: int = int(u)) -> float:
+                """The world's own best k among these candidates, served in its order."""
+                cand = np.array([int(x) for x in store.item_ids(item_keys)])
+                p0 = world.click_probabilities(np.full(len(cand), u), cand, np.zeros(len(cand)), np.full(len(cand), ts))
+                return float(ctr(cand[np.argsort(-p0)[:k]]).mean())
+
             got = retriever.retrieve(uk, hist, s.retrieve_top_n)
             pre = preranker.prerank(uk, hist, got, s.prerank_top_m, ts)
             slate = np.array([int(x) for x in store.item_ids(ranker.rank(uk, hist, pre.keys, k, ts).keys)])
             p_funnel = ctr(slate)
             sums["funnel"] += float(p_funnel.mean())
+            sums["ceiling: world's best k of the retrieved"] += best_of(got.keys)
+            sums["ceiling: world's best k of the pre-ranked"] += best_of(pre.keys)
+            wide = ranker.rank(uk, hist, got.keys, k, ts).keys
+            sums["ranker over all retrieved (no pre-rank cut)"] += float(
+                ctr(np.array([int(x) for x in store.item_ids(wide)])).mean())
             sums["popularity"] += float(ctr(pop).mean())
             if "ranker over the catalogue" in sums:
                 top = ranker.rank(uk, hist, keys, k, ts).keys
@@ -161,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     sd = float(np.sqrt((np.var(per_user["funnel"], ddof=1) + np.var(base, ddof=1)) / 2))
     eff = out["funnel"]["mean_ctr"] - out["popularity"]["mean_ctr"]
     need = int(np.ceil(2 * ((1.96 + 0.84) * sd / eff) ** 2)) if eff > 0 else None
-    print(f"{'slate':<28}{'true CTR':>10}{'± se':>8}{'lift vs popularity (95% CI)':>34}")
+    w = max(len(n) for n in out) + 2
+    print(f"{'slate':<{w}}{'true CTR':>10}{'± se':>8}{'lift vs popularity (95% CI)':>34}")
     for n, v in out.items():
         ci = f"{v['lift']:+.1%} ({v['lift_ci95'][0]:+.1%} … {v['lift_ci95'][1]:+.1%})"
-        print(f"{n:<28}{v['mean_ctr']:>10.4f}{v['se']:>8.4f}{ci:>34}")
+        print(f"{n:<{w}}{v['mean_ctr']:>10.4f}{v['se']:>8.4f}{ci:>34}")
     print(f"users per arm to detect the funnel's lift (α 0.05, power 0.8, {cfg.abtest.requests_per_user} requests "
           f"per user): {need if need else 'no positive lift to detect'}  [{time.time() - t0:.0f} s]")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

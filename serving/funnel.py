@@ -94,6 +94,11 @@ class Preranker:
 
     @torch.inference_mode()
     def prerank(self, user_key: int, hist: np.ndarray, cands: Scored, m: int, ts: int) -> Scored:
+        """The top m of the candidates released at ts (an item not yet released at the request time
+        is never a candidate: the index holds the whole catalogue, future releases included)."""
+        released = self.store.first_seen[cands.keys] <= ts
+        if not released.all():
+            cands = Scored(cands.keys[released], cands.scores[released])
         if not len(cands.keys):
             return cands
         rows = self.store.ranking_batch(user_key, hist, cands.keys, ts, seq_len=self.model.spec.seq_len)

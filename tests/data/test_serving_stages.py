@@ -10,7 +10,7 @@ import torch
 
 from models import build_model
 from serving.features import FeatureStore
-from serving.funnel import Ranker, Retriever
+from serving.funnel import Preranker, Ranker, Retriever, Scored
 from serving.index import IndexParams, ItemIndex
 from training.retrieval import Catalogue, item_vectors
 from training.tasks import RetrievalTask
@@ -54,6 +54,18 @@ def test_retrieve_many_equals_retrieve_one_by_one(tiny_processed, store):
         np.testing.assert_array_equal(got.keys, one.keys)
         np.testing.assert_allclose(got.scores, one.scores, rtol=1e-4, atol=1e-5)
     assert set(many[-1].keys) == set(store.popular[:10])  # no history: the popularity channel only
+
+
+def test_preranking_drops_candidates_not_yet_released(store):
+    """The index holds the whole catalogue, future releases too: at ts they are not candidates."""
+    torch.manual_seed(0)
+    pre = Preranker(build_model("lrea", store.spec, tiny=True), store)
+    keys = np.arange(1, 41)
+    ts = int(np.median(store.first_seen[keys]))
+    assert (store.first_seen[keys] > ts).any()
+    u = int(np.nonzero(store.n_clicks > 0)[0][0])
+    got = pre.prerank(u, store.user_history(u), Scored(keys, np.zeros(40, np.float32)), 40, ts)
+    assert 0 < len(got.keys) < 40 and (store.first_seen[got.keys] <= ts).all()
 
 
 def test_fed_back_clicks_extend_the_history(store):
