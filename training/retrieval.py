@@ -54,6 +54,7 @@ class Catalogue:
     features: dict[str, np.ndarray]
     released: np.ndarray | None = None
     clicks: np.ndarray | None = None
+    title_text: np.ndarray | None = None  # (N + 1,) the raw titles (a pretrained text encoder's input)
 
     def __post_init__(self):
         n = len(self.titles)
@@ -90,7 +91,10 @@ class Catalogue:
             if np.issubdtype(train[c].dtype, np.number):
                 feats[c] = np.zeros(n, dtype=np.float32)
                 feats[c][last["item_key"].to_numpy()] = last[c].to_numpy()
-        return cls(torch.tensor(titles), oov, logq.astype(np.float32), feats, released, clicks)
+        text = np.full(n, "", dtype=object)
+        if "title" in items:
+            text[keys] = items["title"].fillna("").astype(str).to_numpy()
+        return cls(torch.tensor(titles), oov, logq.astype(np.float32), feats, released, clicks, text)
 
 
 @torch.inference_mode()

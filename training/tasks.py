@@ -83,11 +83,17 @@ class RetrievalTask:
 
 
 def karma_for(cfg, cat: Catalogue, max_history: int) -> nn.Module:
-    """KARMA over a catalogue: its titles, train-vocabulary IDs and release times travel in the weights."""
+    """KARMA over a catalogue: its titles, train-vocabulary IDs and release times travel in the
+    weights (with text_encoder = "features" also the frozen MiniLM vectors of its raw titles)."""
     from models.karma import KARMA
 
-    return KARMA(cfg, cat.titles, max_history=max_history, item_idx=torch.as_tensor(cat.features["item_idx"]),
-                 released=torch.as_tensor(cat.released))
+    feats = None
+    if cfg.text_encoder == "features":
+        from models.text import sentence_features
+
+        feats = sentence_features([str(t) for t in cat.title_text])
+    return KARMA(cfg, cat.titles, max_history=max_history, text_features=feats,
+                 item_idx=torch.as_tensor(cat.features["item_idx"]), released=torch.as_tensor(cat.released))
 
 
 def make_task(model: str, data_dir: str | Path, seq_len: int = 0, retrieval_k: int = 50, new_user_max_clicks: int = 2,

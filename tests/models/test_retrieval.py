@@ -289,6 +289,21 @@ def test_two_tower_trains_and_serves(spec, ada):
         assert u.shape == v.shape == (16, cfg.dim)
 
 
+def test_two_tower_without_item_counters_cannot_read_popularity(spec):
+    """item_counters=False: the item tower reads IDs only, so its item vectors do not move with the counters."""
+    torch.manual_seed(0)
+    m = TwoTower(spec, TwoTowerConfig(**{**vars(TwoTowerConfig.tiny()), "item_counters": False})).eval()
+    assert m.item_fields == ["item_idx", "cat_idx", "brand_idx"]
+    b = make_batch(spec, B=8, seed=3)
+    b2 = {**b, "item_clicks_before": b["item_clicks_before"] * 100 + 50, "item_ctr": 1 - b["item_ctr"]}
+    with torch.no_grad():
+        assert torch.allclose(m.encode_items(b), m.encode_items(b2))
+    with_counters = TwoTower(spec, TwoTowerConfig.tiny()).eval()
+    assert "item_ctr" in with_counters.item_fields
+    with torch.no_grad():
+        assert not torch.allclose(with_counters.encode_items(b), with_counters.encode_items(b2))
+
+
 def test_tower_adapters_see_only_their_own_side(spec):
     torch.manual_seed(0)
     m = TwoTower(spec, TwoTowerConfig(**{**vars(TwoTowerConfig.tiny()), "adaf2m2": True})).eval()
