@@ -32,49 +32,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
+from benchmarks.fidelity_common import Budget, _batches, _fmt, _shuffled, _split, mean_std
+from benchmarks.fidelity_retrieval import KARMA_SIM_ROW, RETRIEVAL, retrieval_table, run_retrieval
 from configs import ModelConfig, load_config
 from models import build_model
-from models.karma import KARMAConfig
 from models.lrea import serving_gap
 from training.batches import RankingBatcher, RetrievalBatcher
 from training.fit import fit_early_stopping
 from training.floors import evaluate_floors
-from training.retrieval import Catalogue, evaluate_retrieval, popularity_topk, retrieval_metrics
+from training.retrieval import Catalogue
 from training.step import predict_ranking, ranking_metrics
 
 STATE = ("user_clicks_before", "item_clicks_before")
-
-
-@dataclass
-class Budget:
-    train_rows: int = 0  # 0 = the whole train split
-    eval_rows: int = 0  # val / test rows; 0 = whole splits
-    retrieval_train_rows: int = 30_000
-    retrieval_eval_rows: int = 4_000
-    epochs: int = 12  # the maximum; early stopping on val AUC ends most fits before
-    patience: int = 2
-    batch_size: int = 1024
-    lr: float = 2e-3  # retrieval, and ranking families when the sweep is off
-    lrs: tuple[float, ...] = (1e-3, 3e-3)  # the per-family sweep on seed 0 (ranking)
-    device: str = "cpu"  # "cuda" where a GPU is present (bf16 autocast there)
-    embed_dim: int = 16
-    seq_len: int = 100
-    karma_len: int = 20
-    k: int = 50
-    served: tuple[int, int] = (500, 100)  # serve.retrieve_top_n, serve.popular_n: the merged recall's sizes
-    thresholds: dict[str, int] = field(default_factory=lambda: {"new_user_max_clicks": 2, "cold_item_max_clicks": 2})
 
 
 # (row label, model name, params); D and the budget are the same for all. The first row of
@@ -110,22 +88,6 @@ CORE = {"mean_pool", "din (short seq)", "din (short seq, no softmax)", "din (lon
         "cdnet", "cdnet: w/o core", "cdnet: w/o distribution", "dlf", "dlf: w/o NAF", "dlf + LayerNorm after eq. 9",
         "adaf2m2:dcnv2",
         "lrea λ=0", "lrea λ=0.3"}
-KARMA_SIM_ROW = "dcnv2 + karma_sim"
-# (row label, model name, params over its config section); "popularity" is computed, not fitted
-RETRIEVAL_ROWS: list[tuple[str, str, dict[str, Any]]] = [
-    ("two_tower", "two_tower", {}),
-    ("two_tower (no item counters)", "two_tower", {"item_counters": False}),
-    ("adaf2m2:two_tower", "adaf2m2:two_tower", {}),
-    ("karma action-only (λ_dec=0)", "karma", {"lam_dec": 0.0}),
-    ("karma (λ_dec=0.5)", "karma", {"lam_dec": 0.5}),
-    ("karma (λ_dec=0.5), no log-q / uniform negatives", "karma", {"lam_dec": 0.5, "logq": False, "uniform_negatives": 0}),
-    ("variant: karma + item bias", "karma", {"lam_dec": 0.5, "item_bias": True}),
-    ("variant: karma + ID embedding", "karma", {"lam_dec": 0.5, "id_embedding": True}),
-    ("karma (λ_dec=0.5), frozen MiniLM title vectors", "karma", {"lam_dec": 0.5, "text_encoder": "features"}),
-]
-RETRIEVAL = ["popularity"] + [r for r, *_ in RETRIEVAL_ROWS]
-KARMA_BEST = "karma (λ_dec=0.5)"  # the paper's form, the one the KARMA-similarity ranking row reads
-
 # (claim, better row, worse row, metric)
 CLAIMS: list[tuple[str, str, str, str]] = [
     ("CDNet > mean-pool", "cdnet", "mean_pool", "auc"),
@@ -163,30 +125,6 @@ CLAIMS: list[tuple[str, str, str, str]] = [
 ]
 
 
-# --------------------------------------------------------------------------- data
-
-
-def _rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
-    return {c: df[c].to_numpy() for c in df.columns}
-
-
-def _split(root: Path, folder: str, split: str, n: int, seed: int) -> pd.DataFrame:
-    df = pd.read_parquet(root / folder / f"split={split}")
-    return df.sample(n=min(n, len(df)), random_state=seed).reset_index(drop=True) if n else df
-
-
-def _batches(batcher, df: pd.DataFrame, bs: int, desc: str) -> list[dict[str, torch.Tensor]]:
-    rows = _rows(df)
-    steps = range(0, len(df), bs)
-    return [batcher({k: v[i:i + bs] for k, v in rows.items()}) for i in tqdm(steps, desc=desc, leave=False,
-                                                                                disable=not sys.stderr.isatty())]
-
-
-def _shuffled(batches: list, seed: int):
-    order = np.random.default_rng(seed).permutation(len(batches))
-    return lambda: (batches[i] for i in order)
-
-
 # --------------------------------------------------------------------------- fits
 
 
@@ -212,82 +150,6 @@ def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, se
     return model, out
 
 
-def fit_retr(model: torch.nn.Module, data: dict[str, list], cat: Catalogue, b: Budget, seed: int) -> dict:
-    """Train until val HR@K stops improving (patience, at most b.epochs; the best epoch's weights
-    are tested), then the test split at the served sizes (merged recall, popularity alone)."""
-    opt = torch.optim.Adam(model.parameters(), lr=b.lr)
-    t0 = time.perf_counter()
-    best_epoch, history = fit_early_stopping(
-        model, _shuffled(data["train"], seed), lambda: evaluate_retrieval(model, data["val"], cat, b.k), f"hr_{b.k}",
-        opt, epochs=b.epochs, patience=b.patience)
-    out = evaluate_retrieval(model, data["test"], cat, b.k, served=b.served)
-    return _retr_keys(out, b) | {"seconds": time.perf_counter() - t0, "epochs": len(history), "best_epoch": best_epoch,
-                                 "steps": len(data["train"]) * len(history),
-                                 "curve": [round(h[f"val_hr_{b.k}"], 4) for h in history]}
-
-
-def _retr_keys(m: dict[str, float], b: Budget) -> dict[str, float]:
-    """hr_50 → hr, merged_hr_500+100 → merged_served etc., so claims and tables do not depend on K."""
-    r, p = b.served
-    out = dict(m)
-    for old, new in ((f"merged_hr_{r}+{p}", "merged_served"), (f"pop_hr_{r + p}", "pop_served"),
-                     (f"retr_hr_{r}", "retr_served"), (f"pop_hr_{p}", "pop_channel")):
-        for suffix in ("", "_cold"):
-            if old + suffix in out:
-                out[new + suffix] = out.pop(old + suffix)
-    return {re.sub(f"_{b.k}(?=$|_cold$)", "", key): v for key, v in out.items()}
-
-
-def popularity(test: pd.DataFrame, cat: Catalogue, b: Budget) -> dict[str, float]:
-    """Popularity alone: the most-clicked train items released at each row's ts, at K and at the
-    served merged size (its "merged" value is itself at that size)."""
-    r, p = b.served
-    ts, target = test["ts"].to_numpy(), test["item_key"].to_numpy()
-    top = popularity_topk(cat, ts, r + p)
-    out = _retr_keys(retrieval_metrics(top, target, cat, b.k), b)
-    hit = (top == target[:, None]).any(1)
-    out |= {"merged_served": float(hit.mean()), "pop_served": float(hit.mean()),
-            "pop_channel": float((top[:, :p] == target[:, None]).any(1).mean())}
-    cold = cat.oov[target]
-    if cold.any():
-        out["merged_served_cold"] = float(hit[cold].mean())
-    return out
-
-
-# --------------------------------------------------------------------------- one dataset
-
-
-def run_retrieval(root: Path, cat: Catalogue, retr_b: RetrievalBatcher, b: Budget, seed: int, want, add,
-                  models: ModelConfig | None = None):
-    """Popularity, the two-towers and the KARMA rows (RETRIEVAL_ROWS, each built from its config
-    section with the row's params on top) on one seed's sample of the retrieval rows; returns
-    the trained KARMA_BEST (for the KARMA-similarity ranking row) or None."""
-    from training.tasks import karma_for
-
-    rdf = {s: _split(root, "retrieval", s, b.retrieval_train_rows if s == "train" else b.retrieval_eval_rows,
-                     seed if s == "train" else 0) for s in ("train", "val", "test")}
-    rdata = {s: _batches(retr_b, d, b.batch_size, f"retrieval {s}") for s, d in rdf.items()}
-    add("popularity", popularity(rdf["test"], cat, b))
-    models = models or ModelConfig()
-    karma = None
-    for row, name, params in RETRIEVAL_ROWS:
-        if not (want(row) or (row == KARMA_BEST and want(KARMA_SIM_ROW))):
-            continue
-        torch.manual_seed(seed)
-        full = models.params_for(name, params)
-        if name == "karma":
-            from models import make_config
-
-            m = karma_for(make_config(KARMAConfig, full, f"fidelity row {row!r}"), cat, b.karma_len)
-        else:
-            m = build_model(name, retr_b.spec, full)
-        res = fit_retr(m, rdata, cat, b, seed)
-        add(row, res)
-        print(f"  {row:<48} hr@{b.k} {res['hr']:.4f}  cold {res.get('hr_cold', float('nan')):.4f}  merged "
-              f"{res['merged_served']:.4f}  cos {res.get('user_cos', float('nan')):.3f}  epochs {res['epochs']}  "
-              f"({res['seconds']:.0f}s)", flush=True)
-        karma = m if row == KARMA_BEST else karma
-    return karma
 
 
 def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None = None,
@@ -348,18 +210,6 @@ def run_dataset(root: Path, seeds: list[int], b: Budget, only: set[str] | None =
 # --------------------------------------------------------------------------- report
 
 
-def mean_std(vals: list[float]) -> tuple[float, float]:
-    v = np.array([x for x in vals if x is not None and x == x], dtype=float)
-    if not len(v):
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def _fmt(vals: list[float]) -> str:
-    m, s = mean_std(vals)
-    return "–" if m != m else f"{m:.4f} ± {s:.4f}"
-
-
 def ranking_table(res: dict[str, list[dict]]) -> str:
     cols = ["auc", "gauc", "logloss", "auc_new_users", "auc_cold_items"]
     extra = ["lr", "epochs", "steps", "s/fit"]
@@ -381,20 +231,6 @@ def lrea_table(res: dict[str, list[dict]]) -> str:
         if row.startswith("lrea"):
             lines.append(f"| {row.split('=')[1]} | {_fmt([m['auc'] for m in ms])} | "
                          f"{_fmt([m['interest_rel_gap'] for m in ms])} | {_fmt([m['logit_abs_gap'] for m in ms])} |")
-    return "\n".join(lines)
-
-
-def retrieval_table(res: dict[str, list[dict]], k: int, served: tuple[int, int]) -> str:
-    r, p = served
-    cols = [("hr", f"HR@{k}"), ("ndcg", f"NDCG@{k}"), ("js", f"JS@{k}"), ("hr_cold", f"HR@{k} cold"),
-            ("merged_served", f"merged HR ({r} ∪ {p} popular)"), ("merged_served_cold", "merged HR cold"),
-            ("user_cos", "user cos"), ("user_eff_rank", "eff. rank")]
-    lines = ["| model | " + " | ".join(c for _, c in cols) + " | epochs | s/fit |", "|---|" + "---:|" * (len(cols) + 2)]
-    for row in RETRIEVAL:
-        if row in res:
-            ep, sec = mean_std([m.get("epochs") for m in res[row]])[0], mean_std([m.get("seconds") for m in res[row]])[0]
-            lines.append(f"| {row} | " + " | ".join(_fmt([m.get(c) for m in res[row]]) for c, _ in cols)
-                         + f" | {'–' if ep != ep else f'{ep:.1f}'} | {'–' if sec != sec else f'{sec:.0f}'} |")
     return "\n".join(lines)
 
 
