@@ -279,14 +279,21 @@ def report(out: dict[str, Any]) -> str:
             f"epoch is tested); Adam, learning rate swept per model family over {list(b.get('lrs', [b['lr']]))} on seed "
             f"{out['seeds'][0]} and chosen on val; batch {b['batch_size']}, D = {b['embed_dim']}, history "
             f"{b['seq_len']} (short 20).\n")
+    ranking = any("auc" in ms[0] for ms in out["results"].values())
+    if not ranking:  # the retrieval half alone: its own protocol line
+        head = (f"### {out['dataset']} — seeds {out['seeds']} (retrieval)\n\nBudget per model: up to {b['epochs']} "
+                f"epochs, early stopping on val HR@{b['k']} with patience {b['patience']} (the best epoch is tested); "
+                f"Adam, learning rate {b['lr']:g}, batch {b['batch_size']}; each model's params from its config "
+                f"section with the row's on top.\n")
     parts = [head]
-    if any("auc" in ms[0] for ms in out["results"].values()):
+    if ranking:
         parts += ["Ranking (test split; steps = optimiser steps per fit, mean over seeds):", ranking_table(out["results"]),
                   "LREA: train/serve gap against λ (test rows):", lrea_table(out["results"])]
     if any(r in out["results"] for r in RETRIEVAL):
-        parts += [f"Retrieval (test split, the items released at each row's time; "
-                  f"{b['retrieval_train_rows']:,} train clicks, "
-                  f"{b['retrieval_eval_rows']:,} val / test, K = {b['k']}, KARMA history {b['karma_len']}):",
+        parts += [f"Retrieval (test split, the items released at each row's time; a sample of "
+                  f"{b['retrieval_train_rows']:,} train clicks (it follows the seed), the same "
+                  f"{b['retrieval_eval_rows']:,} val / test rows for every seed, K = {b['k']}, KARMA history "
+                  f"{b['karma_len']}):",
                   retrieval_table(out["results"], b["k"], tuple(b.get("served", (500, 100))))]
     return "\n\n".join([*parts, "Claims:", claims_table(out["results"])])
 
