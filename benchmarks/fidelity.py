@@ -113,7 +113,7 @@ CLAIMS: list[tuple[str, str, str, str]] = [
     ("KARMA decodability lifts cold-start HR@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "hr_cold"),
     ("KARMA decodability keeps JS@K", "karma (λ_dec=0.5)", "karma action-only (λ_dec=0)", "js"),
     ("log-q + uniform negatives lift KARMA's HR@K", "karma (λ_dec=0.5)",
-     "karma (λ_dec=0.5), no log-q / uniform negatives", "hr"),
+     "karma (λ_dec=0.5) w/o log-q and uniform negatives", "hr"),
     ("KARMA > popularity on cold-start HR@K", "karma (λ_dec=0.5)", "popularity", "hr_cold"),
     ("KARMA > popularity on cold-start recall at the served size", "karma (λ_dec=0.5)", "popularity",
      "merged_served_cold"),
@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                batch_size=a.batch_size, lrs=tuple(float(x) for x in a.lrs.split(",")), device=device)
     subset = {"paper": PAPER, "core": CORE, "all": None}[a.rows]
     only = set(a.only.split(",")) if a.only else (None if subset is None else subset | set(RETRIEVAL) | {KARMA_SIM_ROW})
+    if a.only and (unknown := only - {r for r, *_ in RANKING} - set(RETRIEVAL) - {KARMA_SIM_ROW}):
+        p.error(f"--only: no row named {sorted(unknown)} (labels are comma-separated; rows: "
+                f"{[r for r, *_ in RANKING] + RETRIEVAL + [KARMA_SIM_ROW]})")
     parts = tuple(x.strip() for x in a.parts.split(","))
     if unknown := set(parts) - {"ranking", "retrieval"}:
         p.error(f"--parts: unknown {sorted(unknown)}; use ranking, retrieval")

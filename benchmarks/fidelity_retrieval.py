@@ -30,7 +30,7 @@ RETRIEVAL_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("adaf2m2:two_tower", "adaf2m2:two_tower", {}),
     ("karma action-only (λ_dec=0)", "karma", {"lam_dec": 0.0}),
     ("karma (λ_dec=0.5)", "karma", {"lam_dec": 0.5}),
-    ("karma (λ_dec=0.5), no log-q / uniform negatives", "karma", {"lam_dec": 0.5, "logq": False, "uniform_negatives": 0}),
+    ("karma (λ_dec=0.5) w/o log-q and uniform negatives", "karma", {"lam_dec": 0.5, "logq": False, "uniform_negatives": 0}),
     ("variant: karma + item bias", "karma", {"lam_dec": 0.5, "item_bias": True}),
     ("variant: karma + ID embedding", "karma", {"lam_dec": 0.5, "id_embedding": True}),
     ("karma (λ_dec=0.5), frozen MiniLM title vectors", "karma", {"lam_dec": 0.5, "text_encoder": "features"}),
