@@ -33,7 +33,7 @@ RETRIEVAL_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("karma (λ_dec=0.5) w/o log-q and uniform negatives", "karma", {"lam_dec": 0.5, "logq": False, "uniform_negatives": 0}),
     ("variant: karma + item bias", "karma", {"lam_dec": 0.5, "item_bias": True}),
     ("variant: karma + ID embedding", "karma", {"lam_dec": 0.5, "id_embedding": True}),
-    ("karma (λ_dec=0.5), frozen MiniLM title vectors", "karma", {"lam_dec": 0.5, "text_encoder": "features"}),
+    ("karma (λ_dec=0.5) over frozen MiniLM title vectors", "karma", {"lam_dec": 0.5, "text_encoder": "features"}),
 ]
 RETRIEVAL = ["popularity"] + [r for r, *_ in RETRIEVAL_ROWS]
 KARMA_BEST = "karma (λ_dec=0.5)"  # the paper's form, the one the KARMA-similarity ranking row reads
