@@ -35,4 +35,4 @@ def sentence_features(titles: list[str], batch_size: int = 256) -> torch.Tensor:
 
     model = SentenceTransformer(str(path), device="cpu")
     vec = model.encode(titles, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
-    return vec.float().cpu()
+    return vec.float().cpu().clone()  # encode() runs under inference mode: a clone is a normal tensor

@@ -372,6 +372,7 @@ def test_minilm_sentence_features_when_installed():
     v = sentence_features(["red running shoe", "red running shoes", "stainless kettle"])
     assert v.shape == (3, 384)
     assert (v[0] @ v[1]) > (v[0] @ v[2])  # semantics, not a random vector
+    v.add_(0)  # a normal tensor, not an inference one: KARMA keeps it as a buffer that early stopping reloads
 
 
 def test_two_tower_round_trips_through_the_model_folder(tmp_path):
