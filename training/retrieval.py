@@ -149,11 +149,7 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], cat: C
     for b in batches:
         b = to_device(b, device)
         u = user_vectors(model, b)  # (B, d)
-        s = u @ items.T
-        if "ts" in b:
-            s = s.masked_fill(released[None, :] > b["ts"][:, None], float("-inf"))
-        v, idx = s.topk(min(depth, len(items)), dim=1)
-        got.append(torch.where(torch.isfinite(v), idx + 1, 0).cpu().numpy())  # 0: fewer items released than K
+        got.append(released_topk(u @ items.T, released, b.get("ts"), depth))
         tgt.append(b["item_key"].cpu().numpy())
         ts_all.append(b["ts"].cpu().numpy() if "ts" in b else np.full(len(u), np.iinfo(np.int64).max))
         users.append(u.float().cpu().numpy())
@@ -166,6 +162,15 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], cat: C
     return out
 
 
+def released_topk(scores: torch.Tensor, released: torch.Tensor, ts: torch.Tensor | None, k: int) -> np.ndarray:
+    """scores (B, N) over keys 1..N → (B, k) the top keys among the items released at each row's
+    ts (released (N,); ts (B,) or None = all available); 0 where fewer than k were released."""
+    if ts is not None:
+        scores = scores.masked_fill(released[None, :] > ts[:, None], float("-inf"))
+    v, idx = scores.topk(min(k, scores.shape[1]), dim=1)
+    return torch.where(torch.isfinite(v), idx + 1, 0).cpu().numpy()
+
+
 def popularity_topk(cat: Catalogue, ts: np.ndarray, k: int, chunk: int = 4_096) -> np.ndarray:
     """(B, k) the most-clicked train items released at each row's ts (ties by key; 0 pads a
     catalogue with fewer than k released items)."""
@@ -174,12 +179,8 @@ def popularity_topk(cat: Catalogue, ts: np.ndarray, k: int, chunk: int = 4_096) 
     rank[np.lexsort((np.arange(n), -cat.clicks))] = -np.arange(n, dtype=np.float32)  # higher = more clicked
     score = torch.as_tensor(rank[1:])
     released = torch.as_tensor(cat.released[1:])
-    out = []
-    for i in range(0, len(ts), chunk):
-        t = torch.as_tensor(np.array(ts[i:i + chunk]))
-        s = score[None, :].masked_fill(released[None, :] > t[:, None], float("-inf"))
-        v, idx = s.topk(min(k, n - 1), dim=1)
-        out.append(torch.where(torch.isfinite(v), idx + 1, 0).numpy())
+    out = [released_topk(score[None, :].expand(len(t), -1), released, torch.as_tensor(np.array(t)), k)
+           for t in (ts[i:i + chunk] for i in range(0, len(ts), chunk))]
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
