@@ -39,7 +39,10 @@ def _rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def _split(root: Path, folder: str, split: str, n: int, seed: int) -> pd.DataFrame:
     df = pd.read_parquet(root / folder / f"split={split}")
-    return df.sample(n=min(n, len(df)), random_state=seed).reset_index(drop=True) if n else df
+    if n:  # the sample depends on the rows, not on the order the ingest's parallel writers left them in
+        df = df.sort_values([c for c in ("ts", "user_key", "item_key", "position") if c in df], kind="stable")
+        return df.sample(n=min(n, len(df)), random_state=seed).reset_index(drop=True)
+    return df
 
 
 def _batches(batcher, df: pd.DataFrame, bs: int, desc: str) -> list[dict[str, torch.Tensor]]:
