@@ -51,7 +51,7 @@ def test_in_batch_pairs_compare_log_q_corrected_scores(titles):
     b["item_key"] = torch.tensor([1, 2, 3, 4, 5, 6])
     lq = torch.log(torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.1]))
     with torch.no_grad():
-        u = m.user_proj(m._decode(*m._history_inputs(b["hist_item_key"], b["hist_len"]))[:, -1])
+        u = m.encode_users(b["hist_item_key"], b["hist_len"])  # no item bias: u itself
         e = m.encode_items(b["item_key"])
         s = u @ e.T
         want = torch.stack([-F.logsigmoid((s[i, i] - lq[i]) - (s[i, j] - lq[j])) for i in range(6) for j in range(6)
@@ -71,7 +71,7 @@ def test_negative_groups_are_averaged_apart_and_weighted(titles):
     hard[0, 0] = 9
     none = torch.zeros(6, 0, dtype=torch.long)
     with torch.no_grad():
-        u = m.user_proj(m._decode(*m._history_inputs(b["hist_item_key"], b["hist_len"]))[:, -1])
+        u = m.encode_users(b["hist_item_key"], b["hist_len"])  # no item bias: u itself
         both, _ = m.action_loss(u, b["item_key"], hard, none, None)
         only_ib, _ = m.action_loss(u, b["item_key"], none, none, None)
         s_pos = (u[0] * m.encode_items(torch.tensor([1]))[0]).sum()
