@@ -20,6 +20,9 @@ comparison is paired. Per slate the mean *true* click probability over positions
 - ranker over the catalogue (with --catalogue): the ranker's top k of every known item;
 - oracle: the world's own top k for that user and time.
 
+It also regresses each stage's scores on the world's logit terms (long-term, short-term and dormant
+affinity, item bias; centred within each request): what each stage has learned of the world.
+
 The funnel's own clicks (sampled from the world) extend its history; the other slates read
 the same history. Prints a table with the paired lift over popularity and its 95% CI, and
 the minimum number of A/B users to detect that lift (two-sided α = 0.05, power 0.8) at the
@@ -86,6 +89,40 @@ def hold_numeric(store, prefix: str) -> None:
     store.ranking_batch = ranking_batch
 
 
+TERMS = ("long-term", "short-term", "dormant", "item bias")
+
+
+def world_terms(world, user: int, item_ids: np.ndarray, ts: int) -> np.ndarray:
+    """(n, 4) the world's click logit of each item for this user at ts, term by term (pipeline/world.py):
+    γ·⟨0.5·u_long, v_i⟩/√K, γ·⟨0.4·μ_short(t), v_i⟩/√K, γ·⟨0.3·1[dormant]·μ_dormant, v_i⟩/√K, b·β_i."""
+    c = world.cfg
+    u = world.user_rows(np.array([user]))
+    t = np.array([ts], dtype=np.int64)
+    v = world.item_vecs[world.item_rows(item_ids)] * (c.affinity_scale / np.sqrt(c.latent_dim))
+    parts = (0.5 * world.user_long_vec[u[0]],
+             0.4 * world.cat_centers[world.short_term_category(u, t)[0]],
+             0.3 * float(world.dormant_active(t)[0]) * world.cat_centers[world.user_dormant[u[0]]])
+    terms = np.column_stack([v @ x for x in parts] + [c.item_bias_scale * world.item_bias[world.item_rows(item_ids)]])
+    n = len(item_ids)
+    truth = world.click_logits_rows(np.repeat(u, n), world.item_rows(item_ids), np.zeros(n), np.full(n, ts))
+    if not np.allclose(terms.sum(1) + c.base_logit, truth):  # the decomposition must be the world's own logit
+        raise AssertionError("world_terms does not add up to World.click_logits_rows: the click model changed")
+    return terms
+
+
+def term_weights(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Least squares of a stage's score on the world's terms, both centred within each request:
+    how much of each term the stage's ordering of the candidates carries (the world's own logit
+    gives 1 on every term). Scores are logits; the fit also reports the within-request R²."""
+    X = np.concatenate([t - t.mean(0) for t, _ in rows])
+    y = np.concatenate([s - s.mean() for _, s in rows])
+    keep = X.std(0) > 1e-9
+    w = np.zeros(X.shape[1])
+    w[keep] = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+    r2 = 1.0 - float(((y - X @ w) ** 2).sum() / max((y ** 2).sum(), 1e-12))
+    return {**{n: float(x) for n, x in zip(TERMS, w, strict=True)}, "r2": r2}
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs.common import config_parser, load
 
@@ -124,16 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     if not a.catalogue:
         names.remove("ranker over the catalogue")
     per_user = {n: [] for n in names}
+    decomp: dict[str, list] = {"pre-ranker (LREA) over the retrieved": [], "ranker over the pre-ranked": [],
+                               "ranker over the retrieved": []}
     t0 = time.time()
     for u in tqdm(rng.choice(users, min(a.users, len(users)), replace=False), desc="users", unit="user",
                   disable=not sys.stderr.isatty()):
         uk = int(store.user_keys([str(u)])[0])
         recent: list[int] = []
+        recent_ts: list[int] = []
         sums = dict.fromkeys(names, 0.0)
         times = schedule(world, cfg.abtest.requests_per_user, rng)
         for ts in times:
             ts = int(ts)
-            hist = store.user_history(uk, recent=np.array(recent, dtype=np.int64))
+            hist, hist_ts = store.user_history_ts(uk, recent=np.array(recent, dtype=np.int64),
+                                                  recent_ts=np.array(recent_ts, dtype=np.int64))
 
             def ctr(items: np.ndarray, ts: int = ts, u: int = int(u)) -> np.ndarray:
                 return world.click_probabilities(np.full(len(items), u), items, pos[: len(items)],
@@ -147,22 +188,35 @@ def main(argv: list[str] | None = None) -> int:
 
             got = retriever.retrieve(uk, hist, s.retrieve_top_n)
             pre = preranker.prerank(uk, hist, got, s.prerank_top_m, ts)
-            slate = np.array([int(x) for x in store.item_ids(ranker.rank(uk, hist, pre.keys, k, ts).keys)])
+            slate = np.array([int(x) for x in store.item_ids(ranker.rank(uk, hist, pre.keys, k, ts, hist_ts).keys)])
             p_funnel = ctr(slate)
             sums["funnel"] += float(p_funnel.mean())
             sums["ceiling: world's best k of the retrieved"] += best_of(got.keys)
             sums["ceiling: world's best k of the pre-ranked"] += best_of(pre.keys)
-            wide = ranker.rank(uk, hist, got.keys, k, ts).keys
+            wide = ranker.rank(uk, hist, got.keys, k, ts, hist_ts).keys
             sums["ranker over all retrieved (no pre-rank cut)"] += float(
                 ctr(np.array([int(x) for x in store.item_ids(wide)])).mean())
             sums["popularity"] += float(ctr(pop).mean())
+            if len(decomp["ranker over the pre-ranked"]) < 2000:  # ~2,000 requests are plenty for 4 weights
+                def logit(p: np.ndarray) -> np.ndarray:
+                    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+                    return np.log(p / (1 - p))
+
+                allp = preranker.prerank(uk, hist, got, len(got.keys), ts)
+                decomp["pre-ranker (LREA) over the retrieved"].append(
+                    (world_terms(world, int(u), np.array([int(x) for x in store.item_ids(allp.keys)]), ts), allp.scores))
+                for name, cand in (("ranker over the pre-ranked", pre.keys), ("ranker over the retrieved", allp.keys)):
+                    r = ranker.rank(uk, hist, cand, len(cand), ts, hist_ts)
+                    decomp[name].append((world_terms(world, int(u), np.array([int(x) for x in store.item_ids(r.keys)]), ts),
+                                         logit(r.scores)))
             if "ranker over the catalogue" in sums:
-                top = ranker.rank(uk, hist, keys, k, ts).keys
+                top = ranker.rank(uk, hist, keys, k, ts, hist_ts).keys
                 sums["ranker over the catalogue"] += float(ctr(np.array([int(x) for x in store.item_ids(top)])).mean())
             p_all = world.click_probabilities(np.full(len(ids), u), ids, np.zeros(len(ids)), np.full(len(ids), ts))
             sums["oracle (world's top k)"] += float(ctr(ids[np.argsort(-p_all)[:k]]).mean())
             clicked = rng.random(len(slate)) < p_funnel  # the funnel arm's clicks, fed back
             recent += store.item_keys([str(x) for x in slate[clicked]]).tolist()
+            recent_ts += [ts] * int(clicked.sum())
         for n in names:
             per_user[n].append(sums[n] / len(times))
     base = np.array(per_user["popularity"])
@@ -184,10 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:<{w}}{v['mean_ctr']:>10.4f}{v['se']:>8.4f}{ci:>34}")
     print(f"users per arm to detect the funnel's lift (α 0.05, power 0.8, {cfg.abtest.requests_per_user} requests "
           f"per user): {need if need else 'no positive lift to detect'}  [{time.time() - t0:.0f} s]")
+    weights = {n: term_weights(rows) for n, rows in decomp.items() if rows}
+    print("\nwhat each stage's scores carry of the world's logit terms (within-request least squares; the world = 1 each):")
+    print(f"{'stage':<40}" + "".join(f"{t:>12}" for t in TERMS) + f"{'R²':>8}")
+    for n, wt in weights.items():
+        print(f"{n:<40}" + "".join(f"{wt[t]:>12.3f}" for t in TERMS) + f"{wt['r2']:>8.3f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"users": a.users, "alias": a.alias, "ranker_uri": a.ranker_uri,
                                        "requests_per_user": cfg.abtest.requests_per_user, "slates": out,
-                                       "users_per_arm_needed": need}, indent=1))
+                                       "users_per_arm_needed": need, "term_weights": weights}, indent=1))
     return 0
 
 

@@ -32,6 +32,13 @@ F context fields, n_bins similarity intervals.
 
 Switches: `use_core=False` (CDNet-RCore), `use_distribution=False` (CDNet-RGid),
 `full_sequence=True` (all L behaviors as tokens, no selection: the costly variant).
+
+Variant (ours, off by default): `behavior_age=True` adds each behavior's age at the request time
+(log2-hour buckets, `models.spec.behavior_age_bucket`) to the core behavior tokens — after the
+selection, so the target-behavior similarity that picks them stays the paper's. The paper's
+behaviors carry item-side features only and it is silent on time; its tokens interact "with
+contextual features", which cannot tell a click of an hour ago from one of last month. Without
+it the model cannot separate a user's current interest from their other long-term ones.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class CDNetConfig:
     use_core: bool = True
     use_distribution: bool = True
     full_sequence: bool = False
+    behavior_age: bool = False  # the behaviors' age on the core tokens (variant, see the module docstring)
 
     def __post_init__(self):
         if not 0.0 < self.topk_ratio <= 1.0:
@@ -132,7 +140,7 @@ class CDNet(RankingModel):
         super().__init__()
         self.spec, self.cfg = spec, cfg
         d, db = cfg.embed_dim, 3 * cfg.embed_dim
-        self.embedding = FieldEmbedding(spec, d, cfg.id_dropout)
+        self.embedding = FieldEmbedding(spec, d, cfg.id_dropout, behavior_age=cfg.behavior_age)
         self.proj_sim = nn.Linear(db, cfg.sim_dim, bias=False)  # P: one projection for target and behaviors
         self.behavior_token = nn.Linear(db, d)
         self.dist_token = nn.Linear(cfg.bins, d)
@@ -150,9 +158,10 @@ class CDNet(RankingModel):
 
     def core_tokens(self, emb: Embedded, sim: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T_core, D) behavior tokens and (B, T_core) padding flags."""
+        seq = emb.seq if emb.seq_age is None else emb.seq + emb.seq_age  # (B, L, Db); the age never enters sim
         if self.cfg.full_sequence:
-            return self.behavior_token(emb.seq), ~emb.seq_mask
-        chosen, selected = core_behaviors(emb.seq, emb.seq_mask, sim, self.cfg.topk_ratio, self.cfg.tau)
+            return self.behavior_token(seq), ~emb.seq_mask
+        chosen, selected = core_behaviors(seq, emb.seq_mask, sim, self.cfg.topk_ratio, self.cfg.tau)
         return self.behavior_token(chosen), ~selected  # (B, k_max, D)
 
     def tokens(self, emb: Embedded) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.spec import ITEM_FIELDS, RATE_EPS, SEQ_FIELDS, FeatureSpec
+from models.spec import AGE_BUCKETS, ITEM_FIELDS, RATE_EPS, SEQ_FIELDS, FeatureSpec
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Embedded:
     target_index: tuple[int, ...]  # positions of item_idx, cat_idx, brand_idx in `fields`
     seq_cat: Tensor | None = None  # (B, L) the behaviors' category ids (search keys, e.g. SIM)
     target_cat: Tensor | None = None  # (B,) the target's category id
+    seq_age: Tensor | None = None  # (B, L, Db) the behaviors' age embeddings (FieldEmbedding behavior_age)
 
     def target(self) -> Tensor:
         """(B, Db): the target item as item ⊕ category ⊕ brand field embeddings."""
@@ -55,14 +56,14 @@ class Embedded:
     def with_fields(self, fields: Tensor, seq: Tensor | None = None) -> Embedded:
         """The same batch with new field tokens (and, if given, new behavior embeddings)."""
         return Embedded(fields, self.seq if seq is None else seq, self.seq_mask, self.target_index, self.seq_cat,
-                        self.target_cat)
+                        self.target_cat, self.seq_age)
 
     def repeat_interleave(self, fields: Tensor, k: int, seq: Tensor | None = None) -> Embedded:
         """k copies per sample, sample-major (row b·k + j is copy j of sample b), with new fields
         (B·k, F, D) and, if given, new behaviors (B·k, L, Db)."""
         rep = lambda x: None if x is None else x.repeat_interleave(k, dim=0)  # noqa: E731
         return Embedded(fields, rep(self.seq) if seq is None else seq, rep(self.seq_mask), self.target_index,
-                        rep(self.seq_cat), rep(self.target_cat))
+                        rep(self.seq_cat), rep(self.target_cat), rep(self.seq_age))
 
 
 class FieldEmbedding(nn.Module):
@@ -75,9 +76,14 @@ class FieldEmbedding(nn.Module):
     Fields in `spec.unpadded` (hour, day of week) have no padding row: their 0 is a value.
     `id_dropout`: in training, each id of `spec.id_fields` (user, item) is replaced by the OOV
     id 1 with this probability, so the OOV row — what every user or item unseen in train maps
-    to at test and serving time — is trained rather than left at its random init."""
+    to at test and serving time — is trained rather than left at its random init.
 
-    def __init__(self, spec: FeatureSpec, dim: int, id_dropout: float = 0.0):
+    `behavior_age`: also embed each behavior's age at the request time (`hist_age_idx`, log2-hour
+    buckets; `models.spec.behavior_age_bucket`) into `Embedded.seq_age` (B, L, Db), kept apart
+    from `seq` so that a model decides where recency enters (CDNet: its behavior tokens, not its
+    target-behavior similarity)."""
+
+    def __init__(self, spec: FeatureSpec, dim: int, id_dropout: float = 0.0, behavior_age: bool = False):
         super().__init__()
         if not 0.0 <= id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {id_dropout}")
@@ -98,6 +104,12 @@ class FieldEmbedding(nn.Module):
             if n not in spec.unpadded:
                 with torch.no_grad():
                     t.weight[0].zero_()
+        self.age = None
+        if behavior_age:
+            self.age = nn.Embedding(AGE_BUCKETS, len(ITEM_FIELDS) * dim, padding_idx=0)
+            nn.init.normal_(self.age.weight, std=0.05)
+            with torch.no_grad():
+                self.age.weight[0].zero_()
         names = spec.fields
         self.target_index = tuple(names.index(f) for f in ITEM_FIELDS)
 
@@ -123,7 +135,13 @@ class FieldEmbedding(nn.Module):
         seq = torch.cat([self.tables[f](batch[s]) for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1)  # (B, L, Db)
         L = seq.shape[1]
         seq_mask = torch.arange(L, device=seq.device)[None, :] >= (L - batch["hist_len"].clamp(max=L))[:, None]
-        return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"])
+        age = None
+        if self.age is not None:
+            if "hist_age_idx" not in batch:
+                raise KeyError("this model reads the behaviors' age (behavior_age=True) but the batch has no "
+                               "hist_age_idx: build it with training.batches.RankingBatcher on rows with ts")
+            age = self.age(batch["hist_age_idx"])
+        return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"], age)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -12,6 +12,9 @@ A ranking batch is a dict of tensors (B = batch size, L = long sequence length):
                        (B, L) int64   the user's clicks strictly before ts, left-padded with 0,
                                        most recent last (pipeline.history.HistoryStore.gather)
   hist_len             (B,)   int64   valid positions, min(hist_end, L)
+  hist_age_idx         (B, L) int64   each behavior's age at the row's ts, log2-hour buckets
+                                       (behavior_age_bucket below: 0 pad, 1 unknown);
+                                       read only by models built with `behavior_age`
   label                (B,)   float32
 
 `FeatureSpec.from_json` reads the pipeline's feature_spec.json; `FeatureSpec.tiny`
@@ -53,6 +56,23 @@ def numeric_transform(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "none":
         return x
     raise ValueError(f"unknown numeric transform {kind!r}; known: {TRANSFORMS}")
+
+
+AGE_BUCKETS = 14  # 0 padding, 1 unknown age, 2 + floor(log2(1 + hours)) capped: 2 = under 1 h … 13 = ≥ 85 days
+
+
+def behavior_age_bucket(ts: np.ndarray, click_ts: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(B, L) int64: each behavior's age at its row's request time `ts` (B,), bucketed on a log2 scale of
+    hours — 2 + floor(log2(1 + hours)), capped at AGE_BUCKETS − 1; 1 where the click time is unknown
+    (0, e.g. a history a request sent without times); 0 at padding (`valid` False). The one definition
+    of the feature: training (training.batches) and serving (serving.features) both call it."""
+    ts = np.asarray(ts, dtype=np.int64)[:, None]
+    click_ts = np.asarray(click_ts, dtype=np.int64)
+    hours = np.maximum(ts - click_ts, 0) / 3600.0
+    b = 2 + np.floor(np.log2(1.0 + hours)).astype(np.int64)
+    b = np.minimum(b, AGE_BUCKETS - 1)
+    b = np.where(click_ts > 0, b, 1)
+    return np.where(valid, b, 0)
 
 
 @dataclass

@@ -53,6 +53,19 @@ def _user(store, user_id: str, history: list[str] | None, recent: list[str] | No
     return u, store.user_history(u, _known(store, history), recent=_known(store, recent))
 
 
+def _user_ts(store, user_id: str, history: list[str] | None, recent: list[tuple[int, str]] | None = None
+             ) -> tuple[int, np.ndarray, np.ndarray]:
+    """`_user` plus each history entry's click time (for the behaviors' age); `recent` as
+    (ts, item id) pairs. Unknown items are dropped with their times."""
+    u = int(store.user_keys([user_id])[0])
+    keys = ts = None
+    if recent:
+        k = store.item_keys([i for _, i in recent])
+        keys, ts = k[k > 0], np.array([t for t, _ in recent], dtype=np.int64)[k > 0]
+    hist, hist_ts = store.user_history_ts(u, _known(store, history), recent=keys, recent_ts=ts)
+    return u, hist, hist_ts
+
+
 def _known(store, history: list[str] | None) -> np.ndarray | None:
     """The request's history as item keys; unknown items are dropped (cold start), None = use the log's."""
     if history is None:
@@ -213,11 +226,12 @@ class RankerStage(_Registered):
         self.stage = Ranker(model, self.store)
 
     async def rank(self, user_id: str, history: list[str] | None, candidates: list[str], k: int, ts: int,
-                   recent: list[str] | None = None) -> Items:
+                   recent: list[tuple[int, str]] | None = None) -> Items:
+        """`recent`: the clicks fed back before ts as (ts, item id) pairs (their age is a ranking input)."""
         self.ensure_watch()
-        u, hist = _user(self.store, user_id, history, recent)
+        u, hist, hist_ts = _user_ts(self.store, user_id, history, recent)
         keys = self.store.item_keys(candidates)
-        res, version = await self._rank_batch((u, hist, keys, k, ts))
+        res, version = await self._rank_batch((u, hist, keys, k, ts, hist_ts))
         return Items(items=list(np.asarray(candidates)[_positions(keys, res.keys)]), scores=res.scores.tolist(),
                      model_version=version)
 
@@ -298,6 +312,10 @@ class Funnel:
         """Clicks fed back before `ts`, unless the request sends its own history."""
         return self.recent.before(req.user_id, ts) if req.history is None else None
 
+    def _recent_ts(self, req, ts: int) -> list[tuple[int, str]] | None:
+        """The same clicks as (ts, item id) pairs."""
+        return self.recent.before_with_ts(req.user_id, ts) if req.history is None else None
+
     @api.post("/retrieve")
     async def retrieve(self, req: RetrieveRequest, authorization: str | None = Header(None)) -> Items:
         self._auth(authorization)
@@ -316,14 +334,15 @@ class Funnel:
         self._auth(authorization)
         ts = self._ts(req.ts)
         return await self.rankers[self.default].rank.remote(req.user_id, req.history, req.candidates, req.k,
-                                                             ts, self._recent(req, ts))
+                                                             ts, self._recent_ts(req, ts))
 
     async def _funnel(self, alias: str, req: RecommendRequest, ts: int) -> tuple[Items, dict[str, str]]:
         a, recent = self.args.serve, self._recent(req, ts)
         got = await self.retrievers[alias].retrieve.remote(req.user_id, req.history, a.retrieve_top_n, recent)
         pre = await self.prerankers[alias].prerank.remote(req.user_id, req.history, got.items, got.scores,
                                                            a.prerank_top_m, ts, recent)
-        out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts, recent)
+        out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts,
+                                                     self._recent_ts(req, ts))
         return out, {"retriever": got.model_version, "preranker": pre.model_version, "ranker": out.model_version}
 
     @api.post("/recommend")

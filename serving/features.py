@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.spec import FeatureSpec
+from models.spec import FeatureSpec, behavior_age_bucket
 from pipeline.history import HistoryStore
 
 
@@ -75,17 +75,30 @@ class FeatureStore:
                      recent: np.ndarray | None = None) -> np.ndarray:
         """(≤ L,) item keys, most recent last: the request's own history if given, else the log's
         followed by `recent` (clicks fed back since the log ended, oldest first)."""
+        return self.user_history_ts(user_key, override, length, recent)[0]
+
+    def user_history_ts(self, user_key: int, override: np.ndarray | None = None, length: int | None = None,
+                        recent: np.ndarray | None = None, recent_ts: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """`user_history` and the click time of each entry (0 = unknown: a history the request sent,
+        or fed-back clicks without `recent_ts`), aligned with it."""
         length = length or self.seq_len
         if override is not None:
-            return np.asarray(override, dtype=np.int64)[-length:]
+            keys = np.asarray(override, dtype=np.int64)[-length:]
+            return keys, np.zeros(len(keys), dtype=np.int64)
         if user_key <= 0 or user_key >= len(self.n_clicks):
-            logged = np.zeros(0, dtype=np.int64)
+            logged, logged_ts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         else:
             g = self.history.gather(np.array([user_key]), np.array([self.n_clicks[user_key]]), length)
-            logged = g["item_key"][0, length - int(g["len"][0]):]
+            n = int(g["len"][0])
+            logged, logged_ts = g["item_key"][0, length - n:], g["click_ts"][0, length - n:]
         if recent is None or not len(recent):
-            return logged
-        return np.concatenate([logged, np.asarray(recent, dtype=np.int64)])[-length:]
+            return logged, logged_ts
+        r = np.asarray(recent, dtype=np.int64)
+        rts = np.zeros(len(r), dtype=np.int64) if recent_ts is None else np.asarray(recent_ts, dtype=np.int64)
+        if len(rts) != len(r):
+            raise ValueError(f"recent_ts has {len(rts)} times for {len(r)} recent clicks")
+        return np.concatenate([logged, r])[-length:], np.concatenate([logged_ts, rts])[-length:]
 
     def padded(self, hist: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, L) left-padded keys and (1,) length."""
@@ -98,9 +111,12 @@ class FeatureStore:
     # ------------------------------------------------------------------ rows
 
     def ranking_batch(self, user_key: int, hist: np.ndarray, item_keys: np.ndarray, ts: int,
-                      position: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+                      position: int = 1, seq_len: int | None = None,
+                      hist_ts: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """C rows (one per candidate) in the model batch format of models/spec.py, with the
-        history cut to `seq_len` (the model's own; default the data's long length)."""
+        history cut to `seq_len` (the model's own; default the data's long length). `hist_ts`:
+        the click time of each history entry (`user_history_ts`), for the behaviors' age; without
+        it every behavior's age is unknown."""
         c = len(item_keys)
         item_keys = np.asarray(item_keys, dtype=np.int64)
         u = np.full(c, user_key, dtype=np.int64)
@@ -137,6 +153,13 @@ class FeatureStore:
             tab = self.item_cat[col][seq] * (seq > 0)
             out[name] = torch.as_tensor(np.broadcast_to(tab, (c, L)).copy())
         out["hist_len"] = torch.full((c,), len(keys), dtype=torch.long)
+        seq_ts = np.zeros(L, dtype=np.int64)
+        if hist_ts is not None and len(keys):
+            if len(hist_ts) != len(hist):
+                raise ValueError(f"hist_ts has {len(hist_ts)} times for a history of {len(hist)}")
+            seq_ts[L - len(keys):] = np.asarray(hist_ts, dtype=np.int64)[-L:]
+        age = behavior_age_bucket(np.array([ts]), seq_ts[None, :], (seq > 0)[None, :])
+        out["hist_age_idx"] = torch.as_tensor(np.broadcast_to(age, (c, L)).copy())
         return out
 
 

@@ -114,22 +114,25 @@ class Ranker:
         self.model, self.store = model.eval(), store
 
     @torch.inference_mode()
-    def rank_many(self, reqs: list[tuple[int, np.ndarray, np.ndarray, int, int]]) -> list[Scored]:
-        """(user key, history, candidate keys, k, ts) per request → top-k of each, one forward pass."""
+    def rank_many(self, reqs: list[tuple]) -> list[Scored]:
+        """(user key, history, candidate keys, k, ts[, history click times]) per request → top-k of
+        each, one forward pass."""
         sizes = [len(r[2]) for r in reqs]
-        rows = [self.store.ranking_batch(u, h, np.asarray(keys, dtype=np.int64), ts, seq_len=self.model.spec.seq_len)
-                for u, h, keys, _, ts in reqs if len(keys)]
+        rows = [self.store.ranking_batch(r[0], r[1], np.asarray(r[2], dtype=np.int64), r[4],
+                                         seq_len=self.model.spec.seq_len, hist_ts=r[5] if len(r) > 5 else None)
+                for r in reqs if len(r[2])]
         p = np.zeros(0, np.float32)
         if rows:
             batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
             p = torch.sigmoid(self.model(batch).logits.float()).numpy()
         out, start = [], 0
-        for (_, _, keys, k, _), c in zip(reqs, sizes, strict=True):
+        for (_, _, keys, k, *_), c in zip(reqs, sizes, strict=True):
             pi = p[start:start + c]
             start += c
             top = np.argsort(-pi, kind="stable")[:k]
             out.append(Scored(np.asarray(keys, dtype=np.int64)[top], pi[top]))
         return out
 
-    def rank(self, user_key: int, hist: np.ndarray, keys: np.ndarray, k: int, ts: int) -> Scored:
-        return self.rank_many([(user_key, hist, keys, k, ts)])[0]
+    def rank(self, user_key: int, hist: np.ndarray, keys: np.ndarray, k: int, ts: int,
+             hist_ts: np.ndarray | None = None) -> Scored:
+        return self.rank_many([(user_key, hist, keys, k, ts, hist_ts)])[0]

@@ -153,6 +153,14 @@ class RecentClicks:
             n = bisect.bisect_left(clicks, (int(ts), ""))
             return [item for _, item in clicks[:n]] or None
 
+    def before_with_ts(self, user_id: str, ts: int) -> list[tuple[int, str]] | None:
+        """`before`, as (click ts, item id) pairs."""
+        with self._lock:
+            clicks = self._clicks.get(user_id)
+            if not clicks:
+                return None
+            return list(clicks[: bisect.bisect_left(clicks, (int(ts), ""))]) or None
+
 
 def read_events(folder: str | Path) -> pd.DataFrame:
     parts = sorted(Path(folder).glob("events-*.parquet"))

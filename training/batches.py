@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.spec import FeatureSpec
+from models.spec import FeatureSpec, behavior_age_bucket
 from pipeline.history import HistoryStore
 
 _SEQ = {"hist_item_idx": "item_idx", "hist_cat_idx": "cat_idx", "hist_brand_idx": "brand_idx"}
@@ -53,6 +53,8 @@ class RankingBatcher:
         out |= {n: torch.as_tensor(np.asarray(rows[n]).astype(np.float32)) for n in self.spec.numeric if keep(n)}
         out |= {s: torch.as_tensor(g[f]) for s, f in _SEQ.items()}
         out["hist_len"] = torch.as_tensor(g["len"])
+        if "ts" in rows:  # each behavior's age at the row's time (models/spec.py: hist_age_idx)
+            out["hist_age_idx"] = torch.as_tensor(behavior_age_bucket(rows["ts"], g["click_ts"], g["item_key"] > 0))
         return out, g
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

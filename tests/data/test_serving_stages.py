@@ -116,3 +116,40 @@ def test_pre_period_ctr_is_each_users_logged_ctr_shrunk_to_the_mean(tiny_process
     mine = rows[rows["user_key"] == key]["label"]
     assert x[uid] == pytest.approx((mine.sum() + 20.0 * rows["label"].mean()) / (len(mine) + 20.0))
     assert len(x) == rows["user_key"].nunique() and x.between(0, 1).all() and all(isinstance(u, str) for u in x.index)
+
+
+def test_served_behavior_ages_equal_the_training_batchers(store, tiny_processed):
+    """For logged rows, the serving row built from the same history and click times carries the same
+    behaviors and the same behavior ages as the training batch (one definition of the feature)."""
+    import pandas as pd
+
+    from training.batches import RankingBatcher
+
+    rows = pd.read_parquet(tiny_processed / "ranking" / "split=test").head(200)
+    rows = rows[rows["hist_end"] > 0]
+    batcher = RankingBatcher(store.spec, store.history, seq_len=store.seq_len)
+    train = batcher({c: rows[c].to_numpy() for c in rows.columns})
+    g = store.history.gather(rows["user_key"].to_numpy(), rows["hist_end"].to_numpy(), store.seq_len)
+    assert len(rows) > 20
+    for j in range(len(rows)):
+        n = int(g["len"][j])
+        keys, ts = g["item_key"][j, store.seq_len - n:], g["click_ts"][j, store.seq_len - n:]
+        r = rows.iloc[j]
+        served = store.ranking_batch(int(r["user_key"]), keys, np.array([int(r["item_key"])]), int(r["ts"]), hist_ts=ts)
+        for f in ("hist_item_idx", "hist_cat_idx", "hist_brand_idx", "hist_age_idx", "hist_len"):
+            np.testing.assert_array_equal(served[f][0].numpy(), train[f][j].numpy(), err_msg=f)
+    # without the click times every valid behavior's age is unknown (1), padding stays 0
+    served = store.ranking_batch(int(rows.iloc[0]["user_key"]), keys, np.array([1]), int(rows.iloc[0]["ts"]))
+    assert set(np.unique(served["hist_age_idx"].numpy())) <= {0, 1}
+
+
+def test_fed_back_clicks_keep_their_times(store):
+    u = int(np.nonzero(store.n_clicks > 0)[0][0])
+    logged, logged_ts = store.user_history_ts(u)
+    keys, ts = store.user_history_ts(u, recent=np.array([3, 4]), recent_ts=np.array([1_800_000_000, 1_800_000_100]))
+    np.testing.assert_array_equal(keys[-2:], [3, 4])
+    np.testing.assert_array_equal(ts[-2:], [1_800_000_000, 1_800_000_100])
+    np.testing.assert_array_equal(ts[:-2], logged_ts[-(len(keys) - 2):] if len(keys) > 2 else [])
+    np.testing.assert_array_equal(store.user_history(u, recent=np.array([3, 4])), keys)
+    with pytest.raises(ValueError, match="recent_ts"):
+        store.user_history_ts(u, recent=np.array([3, 4]), recent_ts=np.array([1]))
