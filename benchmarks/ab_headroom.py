@@ -17,8 +17,12 @@ comparison is paired. Per slate the mean *true* click probability over positions
   world itself would pick among the retrieved candidates (the recall ceiling: what a perfect
   pre-ranker and ranker could serve), the same among the pre-ranked top m (what a perfect
   ranker could serve), and the ranker over all retrieved candidates (no pre-ranking cut);
+- the pre-ranker's own top k, and the sum of the ranker's and the pre-ranker's logits over the
+  pre-ranked (a two-model ensemble at the last stage);
 - ranker over the catalogue (with --catalogue): the ranker's top k of every known item;
-- oracle: the world's own top k for that user and time.
+- oracle: the world's own top k for that user and time; and the same blind to the short-term
+  interest term, and on the long-term affinity and item bias only (how much of the headroom each
+  term of the click model holds).
 
 It also regresses each stage's scores on the world's logit terms (long-term, short-term and dormant
 affinity, item bias; centred within each request): what each stage has learned of the world.
@@ -157,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(cfg.abtest.seed)
     pos = np.arange(k)
     names = ["popularity", "funnel", "ceiling: world's best k of the retrieved", "ceiling: world's best k of the pre-ranked",
-             "ranker over all retrieved (no pre-rank cut)", "ranker over the catalogue", "oracle (world's top k)"]
+             "ranker over all retrieved (no pre-rank cut)", "pre-ranker's own top k",
+             "ranker + pre-ranker logits (sum) over the pre-ranked", "ranker over the catalogue",
+             "oracle blind to the short-term interest", "oracle on long-term affinity + item bias only",
+             "oracle (world's top k)"]
     if not a.catalogue:
         names.remove("ranker over the catalogue")
     per_user = {n: [] for n in names}
@@ -197,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             sums["ranker over all retrieved (no pre-rank cut)"] += float(
                 ctr(np.array([int(x) for x in store.item_ids(wide)])).mean())
             sums["popularity"] += float(ctr(pop).mean())
+            sums["pre-ranker's own top k"] += float(ctr(np.array([int(x) for x in store.item_ids(pre.keys[:k])])).mean())
+            full = ranker.rank(uk, hist, pre.keys, len(pre.keys), ts, hist_ts)  # every pre-ranked candidate's p
+            lrea = dict(zip(pre.keys.tolist(), pre.scores.tolist(), strict=True))
+            q = np.clip(full.scores.astype(np.float64), 1e-6, 1 - 1e-6)
+            fused = np.log(q / (1 - q)) + np.array([lrea[x] for x in full.keys.tolist()])
+            sums["ranker + pre-ranker logits (sum) over the pre-ranked"] += float(
+                ctr(np.array([int(x) for x in store.item_ids(full.keys[np.argsort(-fused, kind="stable")[:k]])])).mean())
             if len(decomp["ranker over the pre-ranked"]) < 2000:  # ~2,000 requests are plenty for 4 weights
                 def logit(p: np.ndarray) -> np.ndarray:
                     p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
@@ -214,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                 sums["ranker over the catalogue"] += float(ctr(np.array([int(x) for x in store.item_ids(top)])).mean())
             p_all = world.click_probabilities(np.full(len(ids), u), ids, np.zeros(len(ids)), np.full(len(ids), ts))
             sums["oracle (world's top k)"] += float(ctr(ids[np.argsort(-p_all)[:k]]).mean())
+            terms = world_terms(world, int(u), ids, ts)
+            terms[p_all == 0] = -np.inf  # not released yet
+            sums["oracle blind to the short-term interest"] += float(
+                ctr(ids[np.argsort(-(terms[:, 0] + terms[:, 2] + terms[:, 3]))[:k]]).mean())
+            sums["oracle on long-term affinity + item bias only"] += float(
+                ctr(ids[np.argsort(-(terms[:, 0] + terms[:, 3]))[:k]]).mean())
             clicked = rng.random(len(slate)) < p_funnel  # the funnel arm's clicks, fed back
             recent += store.item_keys([str(x) for x in slate[clicked]]).tolist()
             recent_ts += [ts] * int(clicked.sum())

@@ -148,3 +148,17 @@ def test_fidelity_retrieval_half_runs_and_reports_the_recall_channel(tiny_proces
         assert 0 <= row[0]["hr"] <= row[0]["merged_served"] <= 1
     assert "merged_minus_pop_se" in res["karma (λ_dec=0.5)"][0] and "user_eff_rank" in res["karma (λ_dec=0.5)"][0]
     assert "merged HR (500 ∪ 100 popular)" in capsys.readouterr().out
+
+
+def test_recency_signal_groups_partition_the_rows(tiny_out, tmp_path):
+    """benchmarks/recency_signal.py on the tiny world's ingest: the three groups partition the rows
+    (shares sum to 1), each group's CTR is its rows' mean label, and the JSON is written."""
+    import json
+
+    from benchmarks.recency_signal import main
+
+    out = tmp_path / "recency.json"
+    assert main(["--data", str(tiny_out), "--rows", "5000", "--last", "10", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    shares = [g["share"] for g in res["groups"].values()]
+    assert abs(sum(shares) - 1.0) < 1e-9 and sum(g["rows"] for g in res["groups"].values()) == res["rows"]

@@ -114,6 +114,8 @@ def test_recent_clicks_are_time_ordered_strictly_before_and_bounded():
     assert rc.before("u1", 40) == ["b", "c"]  # strictly before 40; "a" fell off (3 per user)
     assert rc.before("u1", 41) == ["b", "c", "d"]
     assert rc.before("u1", 20) is None
+    assert rc.before_with_ts("u1", 41) == [(20, "b"), (30, "c"), (40, "d")]  # the ranker reads their ages
+    assert rc.before_with_ts("u1", 20) is None
     rc.add("u2", "x", 1)
     rc.add("u3", "y", 1)  # LRU over users: u1 is the oldest
     assert rc.before("u1", 100) is None and rc.before("u3", 2) == ["y"]
