@@ -17,6 +17,9 @@ setup: $(STAMP) $(ML100K)
 
 # The venv is rebuilt whenever the pins change (stale) or it is missing.
 $(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
+	  echo "setup: Funnel needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) -V 2>/dev/null || echo 'not found')." \
+	       "Run with PYTHON=python3.11 (or newer), e.g. 'make test PYTHON=python3.12'." >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \

@@ -2,7 +2,7 @@
 
   python -m benchmarks.ab_headroom --config configs/small.yaml [--users 600] [--alias challenger]
                                    [--ranker-uri models:/funnel-cdnet/3] [--set serve.popular_n=300] [--catalogue]
-                                   [--hold-numeric user|item]
+                                   [--hold-numeric user|item] [--hold-ids item_idx]
 
 The same simulated users and request times as `jobs.abtest` (sessions like the logs', the
 clicks of each slate fed back into the next request's history), but in one process through
@@ -127,6 +127,27 @@ def term_weights(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     return {**{n: float(x) for n, x in zip(TERMS, w, strict=True)}, "r2": r2}
 
 
+def hold_ids(store, fields: list[str]) -> None:
+    """Diagnosis: these categorical inputs (e.g. item_idx) reach the pre-ranker and the ranker as the
+    OOV id 1 (the row id dropout trains), on this store instance only — how much of the served
+    ranking rests on the learned id embeddings rather than on content and counters."""
+    unknown = [f for f in fields if f not in store.spec.categorical]
+    if unknown:
+        raise SystemExit(f"--hold-ids {','.join(unknown)}: not a categorical input of this data "
+                         f"(known: {', '.join(store.spec.categorical)})")
+    build = store.ranking_batch
+
+    def ranking_batch(*args, **kwargs):
+        out = build(*args, **kwargs)
+        for f in fields:
+            out[f] = torch.ones_like(out[f])
+            if f == "item_idx":
+                out["hist_item_idx"] = torch.where(out["hist_item_idx"] > 0, 1, 0)
+        return out
+
+    store.ranking_batch = ranking_batch
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs.common import config_parser, load
 
@@ -139,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold-numeric", metavar="PREFIX",
                    help="diagnosis: hold the numeric inputs PREFIX_* (user, item) or the one named PREFIX "
                         "(item_ctr) at their train mean at serving")
+    p.add_argument("--hold-ids", metavar="FIELDS",
+                   help="diagnosis: serve these categorical inputs (comma-separated, e.g. item_idx) as the OOV id "
+                        "to the pre-ranker and the ranker (item_idx: the behaviors' item ids too)")
     p.add_argument("--out", default="benchmarks/out/ab_headroom.json")
     a = p.parse_args(argv)
     from jobs.abtest import schedule
@@ -151,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     store, retriever, preranker, ranker = _stage_models(cfg, a.alias, a.ranker_uri)
     if a.hold_numeric:
         hold_numeric(store, a.hold_numeric)
+    if a.hold_ids:
+        hold_ids(store, a.hold_ids.split(","))
     s, k = cfg.serve, cfg.abtest.slate_size
     keys = np.arange(1, len(store.item_id))
     keys = keys[np.array([x is not None for x in store.item_id[keys]])]
