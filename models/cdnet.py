@@ -39,6 +39,12 @@ selection, so the target-behavior similarity that picks them stays the paper's. 
 behaviors carry item-side features only and it is silent on time; its tokens interact "with
 contextual features", which cannot tell a click of an hour ago from one of last month. Without
 it the model cannot separate a user's current interest from their other long-term ones.
+
+Variant (ours, off by default): `category_recency=True` adds one context token: the age bucket of
+the user's latest behavior in the target's category (`models.layers.category_recency`, computed from
+the batch's `hist_cat_idx`, `cat_idx` and `hist_age_idx`, so training and serving build it alike) —
+the recency of the interest the target belongs to, as an explicit input rather than left for the
+Transformer to find among the core tokens.
 """
 
 from __future__ import annotations
@@ -51,8 +57,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RankingModel
-from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, TransformerBlock, masked_mean
-from models.spec import FeatureSpec
+from models.layers import (
+    MLP,
+    Embedded,
+    FieldEmbedding,
+    ModelOutput,
+    TransformerBlock,
+    category_recency,
+    masked_mean,
+)
+from models.spec import AGE_BUCKETS, FeatureSpec
 
 
 @dataclass
@@ -72,6 +86,7 @@ class CDNetConfig:
     use_distribution: bool = True
     full_sequence: bool = False
     behavior_age: bool = False  # the behaviors' age on the core tokens (variant, see the module docstring)
+    category_recency: bool = False  # a context token: the age of the latest behavior in the target's category
 
     def __post_init__(self):
         if not 0.0 < self.topk_ratio <= 1.0:
@@ -144,11 +159,15 @@ class CDNet(RankingModel):
         self.proj_sim = nn.Linear(db, cfg.sim_dim, bias=False)  # P: one projection for target and behaviors
         self.behavior_token = nn.Linear(db, d)
         self.dist_token = nn.Linear(cfg.bins, d)
-        n_types = 2 + spec.num_fields  # core, distribution, one per context field
+        n_ctx = spec.num_fields + int(cfg.category_recency)  # context fields (+ the recency token)
+        self.recency = nn.Embedding(AGE_BUCKETS, d) if cfg.category_recency else None
+        if self.recency is not None:
+            nn.init.normal_(self.recency.weight, std=0.05)  # the field tables' scale
+        n_types = 2 + n_ctx  # core, distribution, one per context field
         self.blocks = nn.ModuleList(
             [TransformerBlock(d, cfg.heads, cfg.ffn_mult, n_types, cfg.dropout) for _ in range(cfg.layers)]
         )
-        self.head = MLP(d * (2 + spec.num_fields), cfg.hidden, 1, cfg.dropout)
+        self.head = MLP(d * (2 + n_ctx), cfg.hidden, 1, cfg.dropout)
 
     def similarity(self, emb: Embedded) -> Tensor:
         """(B, L) cosine similarity of the target to every behavior (0 at padding)."""
@@ -170,7 +189,14 @@ class CDNet(RankingModel):
         B = emb.fields.shape[0]
         sim = self.similarity(emb)
         tokens, pads, types = [], [], []
-        layout = {"core": 0, "distribution": 0, "context": emb.fields.shape[1]}
+        fields = emb.fields
+        if self.recency is not None:
+            if emb.seq_age_idx is None:
+                raise KeyError("CDNet(category_recency=True) reads the behaviors' age but the batch has no "
+                               "hist_age_idx: build it with training.batches.RankingBatcher on rows with ts")
+            rec = category_recency(emb.seq_cat, emb.target_cat, emb.seq_age_idx, emb.seq_mask)
+            fields = torch.cat([fields, self.recency(rec).unsqueeze(1)], 1)  # (B, F + 1, D)
+        layout = {"core": 0, "distribution": 0, "context": fields.shape[1]}
         if self.cfg.use_core or self.cfg.full_sequence:
             core, core_pad = self.core_tokens(emb, sim)
             tokens.append(core)
@@ -185,8 +211,8 @@ class CDNet(RankingModel):
             types.append(torch.ones(1, dtype=torch.long))
             layout["distribution"] = 1
         n_f = layout["context"]
-        tokens.append(emb.fields)
-        pads.append(torch.zeros(B, n_f, dtype=torch.bool, device=emb.fields.device))
+        tokens.append(fields)
+        pads.append(torch.zeros(B, n_f, dtype=torch.bool, device=fields.device))
         types.append(2 + torch.arange(n_f))
         return torch.cat(tokens, 1), torch.cat(pads, 1), torch.cat(types).to(emb.fields.device), layout
 

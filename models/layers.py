@@ -48,6 +48,7 @@ class Embedded:
     seq_cat: Tensor | None = None  # (B, L) the behaviors' category ids (search keys, e.g. SIM)
     target_cat: Tensor | None = None  # (B,) the target's category id
     seq_age: Tensor | None = None  # (B, L, Db) the behaviors' age embeddings (FieldEmbedding behavior_age)
+    seq_age_idx: Tensor | None = None  # (B, L) the behaviors' age buckets, as the batch has them (hist_age_idx)
 
     def target(self) -> Tensor:
         """(B, Db): the target item as item ⊕ category ⊕ brand field embeddings."""
@@ -56,14 +57,14 @@ class Embedded:
     def with_fields(self, fields: Tensor, seq: Tensor | None = None) -> Embedded:
         """The same batch with new field tokens (and, if given, new behavior embeddings)."""
         return Embedded(fields, self.seq if seq is None else seq, self.seq_mask, self.target_index, self.seq_cat,
-                        self.target_cat, self.seq_age)
+                        self.target_cat, self.seq_age, self.seq_age_idx)
 
     def repeat_interleave(self, fields: Tensor, k: int, seq: Tensor | None = None) -> Embedded:
         """k copies per sample, sample-major (row b·k + j is copy j of sample b), with new fields
         (B·k, F, D) and, if given, new behaviors (B·k, L, Db)."""
         rep = lambda x: None if x is None else x.repeat_interleave(k, dim=0)  # noqa: E731
         return Embedded(fields, rep(self.seq) if seq is None else seq, rep(self.seq_mask), self.target_index,
-                        rep(self.seq_cat), rep(self.target_cat), rep(self.seq_age))
+                        rep(self.seq_cat), rep(self.target_cat), rep(self.seq_age), rep(self.seq_age_idx))
 
 
 class FieldEmbedding(nn.Module):
@@ -141,7 +142,19 @@ class FieldEmbedding(nn.Module):
                 raise KeyError("this model reads the behaviors' age (behavior_age=True) but the batch has no "
                                "hist_age_idx: build it with training.batches.RankingBatcher on rows with ts")
             age = self.age(batch["hist_age_idx"])
-        return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"], age)
+        return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"], age,
+                        batch.get("hist_age_idx"))
+
+
+def category_recency(seq_cat: Tensor, target_cat: Tensor, seq_age_idx: Tensor, mask: Tensor) -> Tensor:
+    """(B,) int64: the age bucket (models.spec.behavior_age_bucket) of the user's most recent behavior
+    in the target's category — 1 ("unknown") when the history holds none. Histories are left-padded,
+    most recent last, so that behavior is the last match."""
+    match = (seq_cat == target_cat[:, None]) & mask  # (B, L)
+    L = match.shape[1]
+    last = torch.where(match, torch.arange(L, device=match.device)[None, :], -1).max(1).values  # (B,)
+    age = seq_age_idx.gather(1, last.clamp_min(0)[:, None])[:, 0]
+    return torch.where(last >= 0, age, torch.ones_like(age))
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -56,12 +56,13 @@ def _recency_task(spec: FeatureSpec, B: int, seed: int) -> dict[str, torch.Tenso
     return batch
 
 
-def _fit_auc(behavior_age: bool) -> float:
+def _fit_auc(behavior_age: bool, category_recency: bool = False) -> float:
     from sklearn.metrics import roc_auc_score
 
     torch.manual_seed(0)
     spec = FeatureSpec.tiny(seq_len=12, short_len=4)
-    m = CDNet(spec, CDNetConfig(**{**CDNetConfig.tiny().__dict__, "behavior_age": behavior_age, "id_dropout": 0.0}))
+    m = CDNet(spec, CDNetConfig(**{**CDNetConfig.tiny().__dict__, "behavior_age": behavior_age,
+                                  "category_recency": category_recency, "id_dropout": 0.0}))
     opt = torch.optim.Adam(m.parameters(), lr=5e-3)
     for step in range(60):
         b = _recency_task(spec, 128, seed=step)
@@ -81,6 +82,20 @@ def test_cdnet_with_behavior_age_learns_what_recency_decides_and_without_it_cann
     assert without < 0.6, without
 
 
+def test_cdnet_with_the_category_recency_token_learns_it_too():
+    assert _fit_auc(False, category_recency=True) > 0.9
+
+
+def test_category_recency_is_the_age_of_the_latest_same_category_behavior():
+    from models.layers import category_recency
+
+    seq_cat = torch.tensor([[0, 5, 3, 5, 2], [0, 0, 1, 2, 2], [0, 0, 0, 0, 0]])
+    age = torch.tensor([[0, 9, 7, 4, 2], [0, 0, 6, 3, 3], [0, 0, 0, 0, 0]])
+    mask = seq_cat > 0
+    got = category_recency(seq_cat, torch.tensor([5, 4, 5]), age, mask)
+    assert got.tolist() == [4, 1, 1]  # the later of the two 5s; no 4 in row 1; row 2 has no history
+
+
 def test_behavior_age_changes_only_the_tokens_not_the_similarity():
     spec = FeatureSpec.tiny()
     torch.manual_seed(0)
@@ -96,8 +111,9 @@ def test_behavior_age_changes_only_the_tokens_not_the_similarity():
     torch.testing.assert_close(m(b).logits[:1], m(b2).logits[:1])
 
 
-def test_a_model_built_with_behavior_age_names_the_missing_input():
+@pytest.mark.parametrize("knob", ["behavior_age", "category_recency"])
+def test_a_model_built_with_the_age_names_the_missing_input(knob):
     spec = FeatureSpec.tiny()
-    m = CDNet(spec, CDNetConfig(**{**CDNetConfig.tiny().__dict__, "behavior_age": True}))
+    m = CDNet(spec, CDNetConfig(**{**CDNetConfig.tiny().__dict__, knob: True}))
     with pytest.raises(KeyError, match="hist_age_idx"):
         m(make_batch(spec, B=4))
