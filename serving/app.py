@@ -337,12 +337,12 @@ class Funnel:
                                                              ts, self._recent_ts(req, ts))
 
     async def _funnel(self, alias: str, req: RecommendRequest, ts: int) -> tuple[Items, dict[str, str]]:
-        a, recent_ts = self.args.serve, self._recent_ts(req, ts)  # one read of the fed-back clicks
-        recent = [item for _, item in recent_ts] if recent_ts else None
+        a, recent = self.args.serve, self._recent(req, ts)
         got = await self.retrievers[alias].retrieve.remote(req.user_id, req.history, a.retrieve_top_n, recent)
         pre = await self.prerankers[alias].prerank.remote(req.user_id, req.history, got.items, got.scores,
                                                            a.prerank_top_m, ts, recent)
-        out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts, recent_ts)
+        out = await self.rankers[alias].rank.remote(req.user_id, req.history, pre.items, req.k, ts,
+                                                     self._recent_ts(req, ts))
         return out, {"retriever": got.model_version, "preranker": pre.model_version, "ranker": out.model_version}
 
     @api.post("/recommend")
