@@ -4,9 +4,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Extra pip arguments for the torch install (e.g. a CPU wheel index on machines
-# whose default index would pull CUDA wheels).
+# torch is installed first, by what the machine has: with CUDA, torch==$(TORCH_VERSION) from the
+# default index (a CUDA build); on Linux without CUDA, the CPU build ($(TORCH_VERSION)+cpu) from the
+# PyTorch CPU wheel index, never the multi-GB CUDA wheels; elsewhere (macOS) the default index,
+# whose wheels are CPU builds. Overrides: TORCH_SPEC (the requirement, e.g. 'torch==2.13.0') and
+# TORCH_PIP_ARGS (e.g. '--index-url https://mirror.example/whl/cpu').
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_PIP_ARGS ?=
+TORCH_SPEC ?=
 CONFIG ?= configs/small.yaml
 ML100K := data/raw/ml-100k/ml-100k.inter
 PYTEST_ARGS ?=
@@ -23,12 +29,17 @@ $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "setup: CUDA present -> torch==2.13.0 (CUDA build)"; \
-	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0; \
+	  spec="$(or $(TORCH_SPEC),torch==$(TORCH_VERSION))"; echo "setup: CUDA present -> $$spec (CUDA build)"; \
+	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
+	elif [ "$$(uname -s)" = Linux ]; then \
+	  spec="$(or $(TORCH_SPEC),torch==$(TORCH_VERSION)+cpu)"; \
+	  echo "setup: no CUDA -> $$spec (CPU build, from $(TORCH_CPU_INDEX) or a local wheel)"; \
+	  $(PY) -m pip install -q --retries 1 --extra-index-url $(TORCH_CPU_INDEX) $(TORCH_PIP_ARGS) "$$spec"; \
 	else \
-	  echo "setup: no CUDA -> torch==2.13.0 (CPU build) first"; \
-	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0; \
-	fi 2>&1 | grep -v '^WARNING: Location'; test $${PIPESTATUS[0]} -eq 0
+	  spec="$(or $(TORCH_SPEC),torch==$(TORCH_VERSION))"; echo "setup: no CUDA -> $$spec (CPU build)"; \
+	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
+	fi 2>&1 | grep -v -e '^WARNING: Location' -e '^WARNING: Retrying' -e 'Could not fetch URL'; test $${PIPESTATUS[0]} -eq 0
+	@$(PY) -c "import torch, sys; cuda = torch.version.cuda; print('setup: torch', torch.__version__, '(CUDA ' + cuda + ')' if cuda else '(CPU build)')"
 	@echo "setup: pinned dependencies from requirements.lock"
 	@$(PY) -m pip install -q -r requirements.lock 2>&1 | grep -v '^WARNING: Location'; test $${PIPESTATUS[0]} -eq 0
 	@$(PY) -m pip install -q --no-deps -e . 2>&1 | grep -v '^WARNING: Location'; test $${PIPESTATUS[0]} -eq 0

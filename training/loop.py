@@ -106,6 +106,28 @@ def cpu_share(per_worker: float, workers: int, cpus: float) -> float:
     return min(per_worker, max(0.05, round(0.9 * max(cpus - 1.0, 0.5) / max(workers, 1), 2)))
 
 
+def in_object_store(folder: Path, block_bytes: int = 64 * 2**20):
+    """A small split read once per fit into Ray's object store, so that no epoch reads a file.
+
+    Streamed (`ray.data.read_parquet`), every epoch's pass over every split is a new Ray Data
+    execution, whose file-listing and read tasks cost seconds of start-up each on 2 cores: a tiny
+    1-worker fit spent 35 of its 41 s in the loop waiting for first batches (benchmarks/RESULTS.md,
+    "The test suite's time"). Here pyarrow reads the split in the driver (no Ray task) and the
+    table goes to the object store in blocks of about `block_bytes`.
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    table = pq.read_table(str(folder), partitioning=None)
+    step = max(1, -(-table.num_rows // max(1, -(-table.nbytes // block_bytes))))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
+
+
+def parquet_bytes(folder: Path) -> int:
+    """Bytes of the parquet files under `folder` (a split of the ingest output)."""
+    return sum(f.stat().st_size for f in folder.rglob("*.parquet"))
+
+
 def use_gpu(cfg: FunnelConfig) -> bool:
     if cfg.train.use_gpu == "auto":
         import ray
@@ -134,12 +156,19 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
         import dataclasses
 
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=cfg.train.retrieval_epochs))
-    datasets = {s: ray.data.read_parquet(str(root / folder / f"split={s}")) for s in ("train", "val", "test")}
     # fixed random samples (same seed, same rows), for budgets like the demo's Tune trials
     limits = {"train": cfg.train.max_train_rows, "val": cfg.train.max_val_rows, "test": cfg.train.max_test_rows}
+    cap = cfg.train.materialize_max_mb * 2**20
+    datasets = {}
     for split, limit in limits.items():
-        if limit and (n := datasets[split].count()) > limit:
-            datasets[split] = datasets[split].random_sample(limit / n, seed=cfg.train.seed)
+        path = root / folder / f"split={split}"
+        small = bool(cap) and parquet_bytes(path) <= cap
+        ds = in_object_store(path) if small else ray.data.read_parquet(str(path))
+        if limit and (n := ds.count()) > limit:
+            ds = ds.random_sample(limit / n, seed=cfg.train.seed)
+            if small:
+                ds = ds.materialize()  # sampled once per fit, not at every epoch
+        datasets[split] = ds
     storage = Path(storage_path or cfg.train.storage_path).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
