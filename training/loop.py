@@ -17,6 +17,7 @@ loop resumes from the latest checkpoint. Early stopping on val AUC (ranking) or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -83,10 +84,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stopper.restore_best(_unwrap(model))
             test = task.evaluate(model, _shard_batches("test", batcher, t.batch_size, False, 0), device, amp)
             metrics |= {f"test_{k}": v for k, v in test.items()} | {f"best_val_{metric}": stopper.best}
-        with tempfile.TemporaryDirectory() as d:
+        local = config.get("local_checkpoints")  # Ray Train's local mode keeps the directory, uploads nothing
+        with (contextlib.nullcontext(_epoch_dir(local, epoch)) if local else tempfile.TemporaryDirectory()) as d:
             torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                         "early_stopping": stopper.state_dict()}, Path(d) / CKPT)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def _epoch_dir(root: str, epoch: int) -> str:
+    d = Path(root) / f"checkpoint_{epoch:06d}"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
 
 
 def best_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -174,7 +182,10 @@ def fit(cfg: FunnelConfig, data_dir: str, model: str, params: dict | None = None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "data_dir": str(root.resolve()), "model": model, "params": params,
-                           "tiny": tiny},
+                           "tiny": tiny,
+                           # num_workers=0 (local mode): Ray Train keeps each reported checkpoint where it
+                           # is, so the loop writes them under the run's storage, not to a temp folder
+                           "local_checkpoints": str(storage / name / "local") if cfg.train.num_workers == 0 else None},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu(cfg),
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(

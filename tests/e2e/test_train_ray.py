@@ -21,6 +21,28 @@ def _cfg(tiny_cfg, tmp_path, **train):
     return dataclasses.replace(tiny_cfg, train=t)
 
 
+def test_small_splits_go_to_the_object_store_with_every_row(ray_session, tiny_data):
+    """training.loop.in_object_store: the rows read_parquet streams, read once by pyarrow and split
+    into blocks of the size asked for."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from training.loop import in_object_store
+
+    path = tiny_data / "ranking" / "split=val"
+    streamed = ray.data.read_parquet(str(path)).to_pandas()
+    ds = in_object_store(path, block_bytes=pq.read_table(str(path)).nbytes // 3)
+    stored = ds.to_pandas()
+    assert ds.num_blocks() >= 3 and len(stored) == len(streamed) > 1000
+    assert set(stored.columns) <= set(streamed.columns) and {"label", "item_idx", "hist_end"} <= set(stored.columns)
+    assert all(stored[c].dtype == streamed[c].dtype for c in stored.columns)
+    key = ["ts", "user_idx", "item_idx", "label"]
+    a = stored[key].sort_values(key).reset_index(drop=True)
+    b = streamed[key].sort_values(key).reset_index(drop=True)
+    assert a.equals(b)
+
+
+@pytest.mark.slow  # the e2e smoke fits its three models on 1-worker TorchTrainers (tests/e2e/test_e2e_funnel.py)
 def test_one_worker_torch_trainer_trains_and_tests(ray_session, tiny_cfg, tiny_data, tmp_path):
     cfg = _cfg(tiny_cfg, tmp_path, epochs=2, patience=5, batch_size=512, lr=3e-3, new_user_max_clicks=2,
                cold_item_max_clicks=5)
@@ -32,11 +54,15 @@ def test_one_worker_torch_trainer_trains_and_tests(ray_session, tiny_cfg, tiny_d
     assert res.checkpoint is not None
 
 
-@pytest.mark.parametrize("model", ["karma", "adaf2m2:two_tower"])
-def test_retrieval_models_train_on_ray_train(ray_session, tiny_cfg, tiny_data, tmp_path, model):
+@pytest.mark.parametrize(("model", "workers"), [
+    pytest.param("karma", 1, marks=pytest.mark.slow),  # the e2e smoke fits KARMA on a 1-worker TorchTrainer
+    ("adaf2m2:two_tower", 0),
+])
+def test_retrieval_models_train_on_ray_train(ray_session, tiny_cfg, tiny_data, tmp_path, model, workers):
     """The same loop for retrieval: the model's own loss, full-catalogue HR@K each epoch,
     early stopping on it, the best weights tested."""
     cfg = _cfg(tiny_cfg, tmp_path, epochs=2, patience=5, batch_size=256, lr=3e-3, seq_len=20)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers))
     res = fit(cfg, str(tiny_data), model, None, name=f"smoke-{model.replace(':', '-')}", tiny=True)
     assert res.error is None
     m = res.metrics
@@ -106,7 +132,8 @@ def test_resume_after_the_worker_is_killed(ray_session, tiny_cfg, tiny_data, tmp
 
 
 def test_train_job_end_to_end(ray_session, tiny_cfg, tiny_data, tmp_path, monkeypatch, capsys):
-    """jobs.train: Ray Train fit → MLflow run → registry gate → one JSON line."""
+    """jobs.train: Ray Train fit → MLflow run → registry gate → one JSON line. The fit runs Ray
+    Train's local loop (num_workers=0); the e2e smoke runs this path on worker groups."""
     import json
 
     from jobs import train
@@ -115,7 +142,8 @@ def test_train_job_end_to_end(ray_session, tiny_cfg, tiny_data, tmp_path, monkey
 
     monkeypatch.chdir(tmp_path)
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model", "adaf2m2:dcnv2", "--tiny",
-            "--data", str(tiny_data), "--set", "train.epochs=1", "--set", "train.batch_size=1024"]
+            "--data", str(tiny_data), "--set", "train.epochs=1", "--set", "train.batch_size=1024",
+            "--set", "train.num_workers=0"]
     assert train.main(args) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["registered"] == "funnel-adaf2m2-dcnv2" and line["version"] == 1 and line["challenger"]
