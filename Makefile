@@ -17,7 +17,7 @@ CONFIG ?= configs/small.yaml
 ML100K := data/raw/ml-100k/ml-100k.inter
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench bench-funnel fidelity lint lock movielens clean
+.PHONY: setup demo test test-slow bench bench-funnel bench-peer fidelity lint lock movielens clean
 
 setup: $(STAMP) $(ML100K)
 
@@ -71,6 +71,12 @@ bench: setup
 	$(PY) -m benchmarks.lrea_serving
 	$(PY) -m benchmarks.train_throughput
 	$(PY) -m benchmarks.faiss_recall
+
+# Training steps against FuxiCTR in one process (benchmarks/peer_fuxictr.py). FuxiCTR is a
+# benchmark-only extra, installed here against the lock, never part of the runtime set.
+bench-peer: setup
+	@$(PY) -m pip install -q -c requirements.lock 'fuxictr==2.3.10' 2>&1 | grep -v '^WARNING: Location'; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -m benchmarks.peer_fuxictr
 
 # Needs `make demo` first (registered models); the fidelity report takes about an hour.
 bench-funnel: setup

@@ -46,7 +46,7 @@ SEQ = (("hist_item_idx", "item_idx"), ("hist_cat_idx", "cat_idx"), ("hist_brand_
 WIDTHS = {"embed_dim": 64, "hidden": [256, 128]}
 
 
-def fuxictr_feature_map(spec: FeatureSpec, pool_sequences: bool):
+def fuxictr_feature_map(spec: FeatureSpec, dim: int, pool_sequences: bool):
     """FuxiCTR's FeatureMap for the batch's fields: categorical (padding 0), numeric, and the
     three behavior sequences sharing their item/category/brand tables."""
     from collections import OrderedDict
@@ -54,6 +54,7 @@ def fuxictr_feature_map(spec: FeatureSpec, pool_sequences: bool):
     from fuxictr.features import FeatureMap
 
     fmap = FeatureMap("funnel_peer", data_dir=".")
+    fmap.default_emb_dim = dim
     feats = OrderedDict()
     for n, v in spec.categorical.items():
         feats[n] = {"type": "categorical", "source": "", "vocab_size": v, "padding_idx": 0}
@@ -78,7 +79,7 @@ class FuxiDCNv2(nn.Module):
         super().__init__()
         from fuxictr.pytorch.layers import CrossNetV2, FeatureEmbedding, MLP_Block
 
-        self.fmap = fuxictr_feature_map(spec, pool_sequences=True)
+        self.fmap = fuxictr_feature_map(spec, dim, pool_sequences=True)
         self.embedding = FeatureEmbedding(self.fmap, dim)
         d = self.fmap.sum_emb_out_dim()
         self.crossnet = CrossNetV2(d, cross_layers)
@@ -99,7 +100,7 @@ class FuxiDIN(nn.Module):
         super().__init__()
         from fuxictr.pytorch.layers import DIN_Attention, FeatureEmbeddingDict, MLP_Block
 
-        self.fmap = fuxictr_feature_map(spec, pool_sequences=False)
+        self.fmap = fuxictr_feature_map(spec, dim, pool_sequences=False)
         self.dim = dim
         self.embedding = FeatureEmbeddingDict(self.fmap, dim)
         self.attention = DIN_Attention(dim * len(SEQ), attention_units=attention_hidden, hidden_activations="ReLU",
@@ -126,7 +127,7 @@ class FunnelLogit(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch).logit
+        return self.model(batch).logits
 
 
 def build(name: str, spec: FeatureSpec) -> nn.Module:
