@@ -258,3 +258,18 @@ def test_cdnet_cost_is_independent_of_sequence_length():
 def test_dlf_rejects_indivisible_heads(spec):
     with pytest.raises(ValueError, match="divisible"):
         DLF(spec, DLFConfig(embed_dim=10, heads=3))
+
+
+def test_masked_mean_is_the_mean_over_valid_positions_and_zero_without_any():
+    from models.layers import masked_mean
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 6, generator=g, requires_grad=True)
+    mask = torch.rand(5, 7, generator=g) > 0.4
+    mask[0] = False
+    got = masked_mean(x, mask)
+    for b in range(1, 5):
+        assert torch.allclose(got[b], x[b][mask[b]].mean(0), atol=1e-6)
+    assert torch.equal(got[0], torch.zeros(6))
+    got.sum().backward()
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))  # padding gets no gradient
