@@ -241,10 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in a.models:
         names = [f"funnel_{m}", f"fuxictr_{m}"] + (["funnel_dcnv2_train_step"] if m == "dcnv2" else [])
-        L = a.seq_len
-        res = run(names, a.batch, L, a.steps, a.rounds, a.device, amp, a.compile)
+        res = run(names, a.batch, a.seq_len, a.steps, a.rounds, a.device, amp, a.compile)
         f, x = res[f"funnel_{m}"], res[f"fuxictr_{m}"]
-        rows.append({"model": m, "L": L, "funnel": f, "fuxictr": x, "ratio": f["samples_per_s"] / x["samples_per_s"],
+        rows.append({"model": m, "L": a.seq_len, "funnel": f, "fuxictr": x, "ratio": f["samples_per_s"] / x["samples_per_s"],
                      **({"funnel_train_step": res["funnel_dcnv2_train_step"]} if m == "dcnv2" else {})})
     print(f"\n{'model':<8}{'Funnel /s':>12}{'FuxiCTR /s':>12}{'Funnel/FuxiCTR':>16}{'params F / X':>22}")
     for r in rows:
