@@ -39,11 +39,10 @@ $(STAMP): pyproject.toml requirements.lock
 	  spec="$(or $(TORCH_SPEC),torch==$(TORCH_VERSION))"; echo "setup: no CUDA -> $$spec (CPU build)"; \
 	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
 	fi 2>&1 | grep -v -e '^WARNING: Location' -e '^WARNING: Retrying' -e 'Could not fetch URL'; test $${PIPESTATUS[0]} -eq 0
-	@$(PY) -c "import torch, sys; cuda = torch.version.cuda; print('setup: torch', torch.__version__, '(CUDA ' + cuda + ')' if cuda else '(CPU build)')"
 	@echo "setup: pinned dependencies from requirements.lock"
 	@$(PY) -m pip install -q -r requirements.lock 2>&1 | grep -v '^WARNING: Location'; test $${PIPESTATUS[0]} -eq 0
 	@$(PY) -m pip install -q --no-deps -e . 2>&1 | grep -v '^WARNING: Location'; test $${PIPESTATUS[0]} -eq 0
-	@$(PY) -c "import torch, ray, mlflow, faiss; print('setup: torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
+	@$(PY) -c "import torch, ray, mlflow, faiss; cuda = torch.version.cuda; print('setup: torch', torch.__version__, '(CUDA ' + cuda + ')' if cuda else '(CPU build)', '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
 	@touch $(STAMP)
 
 # MovieLens-100k (real data; GroupLens terms: research use, no redistribution).

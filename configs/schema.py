@@ -167,8 +167,9 @@ class TrainConfig:
     new_user_max_clicks: int = 2  # AUC per state group: users with at most this many past clicks are "new"
     cold_item_max_clicks: int = 2  # items with at most this many past clicks are "cold"
     parallel_models: int = 1  # jobs.e2e: the funnel's models fitted side by side (1 = one after another)
-    # splits whose parquet files total at most this many MiB are read once per fit into Ray's object
-    # store (Dataset.materialize), not re-read by a new Ray Data execution every epoch; 0 = always stream
+    # splits whose parquet files total at most this many MiB are read once per fit (pyarrow, into Ray's
+    # object store: training.loop.in_object_store), not re-read by a new Ray Data execution every epoch;
+    # 0 = always stream
     materialize_max_mb: int = 512
 
 
