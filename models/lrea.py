@@ -124,10 +124,15 @@ class LREA(RankingModel):
     # ------------------------------------------------------------------ serving path (eq. 9)
 
     def absorb(self, seq: Tensor, mask: Tensor) -> LREACache:
-        """Per-user cache from behaviors (U, L, Db) and their mask (U, L): O(L·Db·r) once per user."""
+        """Per-user cache from behaviors (U, L, Db) and their mask (U, L): O(L·Db·r) once per user.
+        A rank column of E_comp that is zero for every user here is dropped (r' ≤ r columns kept):
+        it adds exactly zero to eq. 9 (its s_b is w_o·φ(0) = 0), and with r > L the recency-bucket
+        init leaves r − L of them zero for good (an empty bucket and its W_decomp row get no gradient)."""
         e_s, e_comp = self.compress(seq, mask)
-        e_aux = torch.einsum("uld,rl->udr", e_s, self.w_decomp)  # E_sᵀ W_decompᵀ
-        c2 = self.w_o(self.phi(self.w2(e_comp.transpose(1, 2)))).squeeze(-1)  # (U, r)
+        live = e_comp.abs().amax((0, 1)) > 0  # (r,)
+        e_comp = e_comp[..., live]
+        e_aux = torch.einsum("uld,rl->udr", e_s, self.w_decomp[live])  # E_sᵀ W_decompᵀ
+        c2 = self.w_o(self.phi(self.w2(e_comp.transpose(1, 2)))).squeeze(-1)  # (U, r')
         return LREACache(e_comp, e_aux, e_s.sum(1), c2)
 
     def absorb_batch(self, batch: dict[str, Tensor]) -> LREACache:
@@ -136,12 +141,16 @@ class LREA(RankingModel):
 
     def interest_serve(self, cache: LREACache, e_t: Tensor, user: Tensor | None = None) -> Tensor:
         """(N, Db) interest of N candidates; `user` (N,) indexes the cache row of each
-        candidate (default: row 0, one user). O(r·Db·h) per candidate."""
-        idx = user if user is not None else torch.zeros(e_t.shape[0], dtype=torch.long, device=e_t.device)
-        e_comp_t = cache.e_comp[idx].transpose(1, 2)  # (N, r, Db)
-        s = cache.c2[idx] + self.w_o(self.phi(self.w3(e_t.unsqueeze(1) * e_comp_t))).squeeze(-1)  # (N, r)
+        candidate (None: all of cache row 0, one user — the server's case). O(r·Db·h) per candidate."""
         t0 = self.w_o(self.phi(self.w1(e_t)))  # (N, 1)
-        return t0 * cache.e_sum[idx] + torch.einsum("ndr,nr->nd", cache.e_aux[idx], s)
+        if user is None:  # one user: E_comp folded into W_3 once, then one (N, Db) × (Db, r·h) product
+            n, r, h = e_t.shape[0], cache.c2.shape[1], self.w3.weight.shape[0]
+            w3u = (cache.e_comp[0].unsqueeze(-1) * self.w3.weight.t().unsqueeze(1)).flatten(1)  # (Db, r·h)
+            s = cache.c2[0] + self.phi(e_t @ w3u).view(n, r, h) @ self.w_o.weight[0]  # (N, r)
+            return t0 * cache.e_sum[0] + s @ cache.e_aux[0].t()
+        e_comp_t = cache.e_comp[user].transpose(1, 2)  # (N, r, Db)
+        s = cache.c2[user] + self.w_o(self.phi(self.w3(e_t.unsqueeze(1) * e_comp_t))).squeeze(-1)  # (N, r)
+        return t0 * cache.e_sum[user] + torch.einsum("ndr,nr->nd", cache.e_aux[user], s)
 
     def score(self, cache: LREACache, candidates: dict[str, Tensor], user: Tensor | None = None) -> Tensor:
         """Logits (N,) of candidate rows (their non-sequence fields) with the absorbed interest."""

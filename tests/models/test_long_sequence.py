@@ -64,9 +64,45 @@ def test_non_negativity_term_penalises_only_negative_entries(spec):
 def test_absorbed_cache_has_no_length_dimension(spec):
     m = LREA(spec, LREAConfig.tiny())
     cache = m.absorb_batch(make_batch(spec, B=3))
-    r, db = m.cfg.rank, 3 * m.cfg.embed_dim
+    r, db = cache.c2.shape[1], 3 * m.cfg.embed_dim
+    assert 0 < r <= m.cfg.rank
     assert cache.e_comp.shape == (3, db, r) and cache.e_aux.shape == (3, db, r)
     assert cache.e_sum.shape == (3, db) and cache.c2.shape == (3, r)
+
+
+def test_rank_columns_no_user_reads_are_dropped_and_scores_do_not_move(spec):
+    """r > L (the default: r 64, L 50 on the small world): the recency-bucket init leaves r − L columns
+    of W_comp and rows of W_decomp at zero for good; the cache drops them, exactly."""
+    torch.manual_seed(0)
+    m = LREA(spec, LREAConfig(embed_dim=8, rank=spec.seq_len + 5, attention_hidden=8, hidden=[16])).eval()
+    with torch.no_grad():
+        m.w3.weight.normal_()  # signed, as after training
+    batch = make_batch(spec, B=6, seed=2, lens=[spec.seq_len] * 6)
+    with torch.no_grad():
+        cache = m.absorb_batch(batch)
+        assert cache.c2.shape[1] == spec.seq_len
+        emb = m.embed(batch)
+        e_s, e_comp = m.compress(emb.seq, emb.seq_mask)
+        assert torch.allclose(m.interest_serve(cache, emb.target(), torch.arange(6)),
+                              m.interest_train(emb.target(), e_s, e_comp), atol=1e-5)
+
+
+def test_one_user_fast_path_equals_the_indexed_path(spec):
+    """`score(cache, cands)` for one user's N candidates (E_comp folded into W_3) = the per-candidate
+    gathered path, on signed weights where eq. 9 is only approximate."""
+    torch.manual_seed(0)
+    m = LREA(spec, LREAConfig.tiny()).eval()
+    with torch.no_grad():
+        m.w_decomp.normal_()
+        m.w_comp.normal_()
+        m.w3.weight.normal_()
+    batch = make_batch(spec, B=9, seed=4, lens=[spec.seq_len] * 9)
+    with torch.no_grad():
+        cache = m.absorb_batch({k: v[1:2] for k, v in batch.items()})  # row 0 of make_batch has no history
+        e_t = m.embed(batch).target()
+        fast = m.interest_serve(cache, e_t)
+        slow = m.interest_serve(cache, e_t, torch.zeros(9, dtype=torch.long))
+    assert torch.allclose(fast, slow, atol=1e-5) and fast.abs().max() > 0
 
 
 def test_hard_search_keeps_the_most_recent_same_category():
