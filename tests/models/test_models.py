@@ -273,3 +273,26 @@ def test_masked_mean_is_the_mean_over_valid_positions_and_zero_without_any():
     assert torch.equal(got[0], torch.zeros(6))
     got.sum().backward()
     assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))  # padding gets no gradient
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_transformer_attention_equals_the_multihead_attention_module(train):
+    """`TransformerBlock.attend` (one fused SDPA call) = nn.MultiheadAttention with the same weights
+    and key padding, values and gradients, at inference and in training (dropout 0)."""
+    from models.layers import TransformerBlock
+
+    torch.manual_seed(0)
+    blk = TransformerBlock(16, 2, n_types=3).train(train)
+    h = torch.randn(6, 9, 16, requires_grad=True)
+    pad = torch.rand(6, 9) < 0.3
+    pad[:, 0] = False  # every row attends to something
+    ctx = torch.enable_grad() if train else torch.inference_mode()
+    with ctx:
+        got = blk.attend(h if train else h.detach(), pad)
+        want = blk.attn(h if train else h.detach(), h if train else h.detach(), h if train else h.detach(),
+                        key_padding_mask=pad, need_weights=False)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+    if train:
+        g1 = torch.autograd.grad(got.square().sum(), [h, blk.attn.in_proj_weight])
+        g2 = torch.autograd.grad(want.square().sum(), [h, blk.attn.in_proj_weight])
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2, strict=True))
