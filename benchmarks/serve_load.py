@@ -1,17 +1,19 @@
 """Load test of the served funnel: p50/p99 latency and errors at rising QPS, open loop.
 
-  python -m benchmarks.serve_load --config configs/small.yaml [--url URL] [--duration 60]
-                                  [--batch-sizes 16,1] [--warmup 10]
+  python -m benchmarks.serve_load --config configs/small.yaml [--url URL] [--duration 60] [--warmup 10]
+                                  [--rank-levels 25,50,100,150] [--recommend-levels 25,50,75]
+                                  [--variants serve.colocate=true serve.colocate=false]
 
 Needs registered models (run `make demo` first). Without --url the funnel is deployed
 on 127.0.0.1 (Ray Serve, the config's replica CPUs). For /rank (100 candidates) and
 /recommend (the whole funnel), requests are sent at a fixed rate — open loop: a slow
 server does not slow the sender, so queueing shows up in the latency — for `--duration`
-seconds per level, after `--warmup` seconds at the first level that are not measured; levels
-double until p99 passes 100 ms or a request fails. With
---batch-sizes the funnel is redeployed once per `serve.max_batch_size` (`@serve.batch` of
-the retriever and ranker; 1 = off) and the levels repeat, side by side in one run. Prints
-a table and the highest QPS with p99 < 100 ms and no errors; writes JSON.
+seconds per level, after `--warmup` seconds at the first level that are not measured; the
+levels (`--rank-levels`, `--recommend-levels`; default: doubling from --start-qps) rise until
+p99 passes 100 ms or a request fails. With --variants the funnel is redeployed once per
+variant (each a comma-separated list of config overrides, e.g. `serve.colocate=false` or
+`serve.max_batch_size=1,serve.colocate=false`) and the levels repeat, side by side in one run.
+Prints a table and the highest QPS with p99 < 100 ms and no errors per variant; writes JSON.
 """
 
 from __future__ import annotations
@@ -37,21 +39,24 @@ async def _level(url: str, path: str, bodies: list[dict], qps: float, duration: 
 
     lat: list[float] = []
     errors = 0
+    first_error = ""
     n = int(qps * duration)
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
 
         async def one(i: int) -> None:
-            nonlocal errors
+            nonlocal errors, first_error
             t0 = time.perf_counter()
             try:
                 async with s.post(f"{url}{path}", json=bodies[i % len(bodies)]) as r:
-                    await r.read()
+                    body = await r.read()
                     if r.status != 200:
                         errors += 1
+                        first_error = first_error or f"{r.status} {body[:200].decode(errors='replace')}"
                         return
-            except (TimeoutError, aiohttp.ClientError):
+            except (TimeoutError, aiohttp.ClientError) as e:
                 errors += 1
+                first_error = first_error or repr(e)
                 return
             lat.append((time.perf_counter() - t0) * 1000)
 
@@ -66,7 +71,7 @@ async def _level(url: str, path: str, bodies: list[dict], qps: float, duration: 
         wall = time.perf_counter() - start
     a = np.array(lat) if lat else np.array([np.inf])
     return {"endpoint": path, "target_qps": qps, "achieved_qps": len(lat) / wall, "requests": n, "errors": errors,
-            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "first_error": first_error}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-qps", type=float, default=5.0)
     p.add_argument("--max-qps", type=float, default=640.0)
     p.add_argument("--warmup", type=float, default=10.0, help="seconds at the first level before measuring")
-    p.add_argument("--batch-sizes", default="", help="comma-separated serve.max_batch_size values to compare")
+    p.add_argument("--rank-levels", default="", help="comma-separated QPS levels of /rank (default: doubling)")
+    p.add_argument("--recommend-levels", default="", help="comma-separated QPS levels of /recommend")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="deployments to compare, each comma-separated overrides such as serve.colocate=false")
     p.add_argument("--out", default="benchmarks/out/serve_load.json")
     a = p.parse_args(argv)
+    variants = a.variants or [""]
+    if a.url and a.variants:
+        p.error("--variants redeploys the funnel: not with --url")
     cfg = load_config(a.config)
-    sizes = [int(x) for x in a.batch_sizes.split(",") if x] or [cfg.serve.max_batch_size]
-    if a.url and len(sizes) > 1:
-        p.error("--batch-sizes redeploys the funnel: not with --url")
     root = Path(cfg.data.output)
     users = pd.read_parquet(root / "users.parquet")["user_id"].astype(str).to_numpy()
     items = pd.read_parquet(root / "items.parquet")["item_id"].astype(str).to_numpy()
@@ -92,36 +100,44 @@ def main(argv: list[str] | None = None) -> int:
     rank = [{"user_id": str(u), "candidates": rng.choice(items, 100, replace=False).tolist(), "k": 10, "ts": ts}
             for u in rng.choice(users, 500)]
     rec = [{"user_id": str(u), "k": 10, "ts": ts} for u in rng.choice(users, 500)]
+    doubling = [a.start_qps * 2**i for i in range(64) if a.start_qps * 2**i <= a.max_qps]
+    levels = {"/rank": [float(x) for x in a.rank_levels.split(",") if x] or doubling,
+              "/recommend": [float(x) for x in a.recommend_levels.split(",") if x] or doubling}
     rows = []
-    print(f"{'batch':>5} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
+    print(f"{'variant':<28} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
           flush=True)
     best: dict[str, float] = {}
-    for size in sizes:
+    for variant in variants:
         url = a.url
         if not url:
-            import dataclasses
-
             from jobs.abtest import deploy
 
             init_ray()
-            url = deploy(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, max_batch_size=size)))
+            vcfg = load_config(a.config, [o for o in variant.split(",") if o])
+            url = deploy(vcfg)
+        name = variant or "as configured"
         for path, bodies in (("/rank", rank), ("/recommend", rec)):
             if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
-                asyncio.run(_level(url, path, bodies, a.start_qps, a.warmup))
-            qps = a.start_qps
-            while qps <= a.max_qps:
-                r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"max_batch_size": size}
+                asyncio.run(_level(url, path, bodies, levels[path][0], a.warmup))
+            for qps in levels[path]:
+                r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"variant": name}
                 rows.append(r)
-                print(f"{size:>5} {path:<11} {qps:>7g} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
+                print(f"{name:<28} {path:<11} {qps:>7g} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
                       f"{r['p99_ms']:>8.1f} {r['errors']:>7}", flush=True)
+                if r["errors"]:
+                    print(f"  first error: {r['first_error']}", flush=True)
                 if r["p99_ms"] >= SLO_MS or r["errors"]:
                     break
-                best[f"{path} batch={size}"] = qps
-                qps *= 2
-    for size in sizes:
+                best[f"{path} {name}"] = qps
+        if not a.url:
+            from ray import serve
+
+            serve.shutdown()  # the next variant deploys from scratch
+    for variant in variants:
+        name = variant or "as configured"
         for path in ("/rank", "/recommend"):
-            print(f"highest QPS with p99 < {SLO_MS:.0f} ms and no errors, {path}, max_batch_size={size}: "
-                  f"{best.get(f'{path} batch={size}', 'none tested')}")
+            print(f"highest QPS with p99 < {SLO_MS:.0f} ms and no errors, {path}, {name}: "
+                  f"{best.get(f'{path} {name}', 'none tested')}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"levels": rows, "best_qps": best, "slo_ms": SLO_MS}, indent=1))
     return 0

@@ -191,6 +191,9 @@ class ServeConfig:
     prerank_top_m: int = 100
     rank_top_k: int = 10
     replica_cpus: float = 0.25
+    # the three stages in the ingress replica, awaited in-process (one machine: no handle hop, one
+    # FeatureStore); false = one deployment per stage behind handles (a cluster: stages scale apart)
+    colocate: bool = True
     retriever: str = "karma"  # registered models of the funnel's stages (funnel-<name>)
     preranker: str = "lrea"
     ranker: str = "cdnet"

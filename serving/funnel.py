@@ -32,6 +32,7 @@ from serving.index import ItemIndex
 class Scored:
     keys: np.ndarray  # (n,) item keys, best first
     scores: np.ndarray  # (n,)
+    pos: np.ndarray | None = None  # (n,) where each came from in the stage's input candidates (pre-ranking, ranking)
 
 
 class Retriever:
@@ -96,17 +97,16 @@ class Preranker:
     def prerank(self, user_key: int, hist: np.ndarray, cands: Scored, m: int, ts: int) -> Scored:
         """The top m of the candidates released at ts (an item not yet released at the request time
         is never a candidate: the index holds the whole catalogue, future releases included)."""
-        released = self.store.first_seen[cands.keys] <= ts
-        if not released.all():
-            cands = Scored(cands.keys[released], cands.scores[released])
-        if not len(cands.keys):
-            return cands
-        rows = self.store.ranking_batch(user_key, hist, cands.keys, ts, seq_len=self.model.spec.seq_len)
+        idx = np.flatnonzero(self.store.first_seen[cands.keys] <= ts)  # released candidates, input order
+        keys = cands.keys[idx]
+        if not len(keys):
+            return Scored(keys, cands.scores[idx], idx)
+        rows = self.store.ranking_batch(user_key, hist, keys, ts, seq_len=self.model.spec.seq_len)
         cache = self._cache(user_key, hist, rows)
         cand = {k: v for k, v in rows.items() if not k.startswith("hist_")}
-        s = self.model.score(cache, cand).float().numpy() + self.w * cands.scores
+        s = self.model.score(cache, cand).float().numpy() + self.w * cands.scores[idx]
         top = np.argsort(-s, kind="stable")[:m]
-        return Scored(cands.keys[top], s[top])
+        return Scored(keys[top], s[top], idx[top])
 
 
 class Ranker:
@@ -130,7 +130,7 @@ class Ranker:
             pi = p[start:start + c]
             start += c
             top = np.argsort(-pi, kind="stable")[:k]
-            out.append(Scored(np.asarray(keys, dtype=np.int64)[top], pi[top]))
+            out.append(Scored(np.asarray(keys, dtype=np.int64)[top], pi[top], top))
         return out
 
     def rank(self, user_key: int, hist: np.ndarray, keys: np.ndarray, k: int, ts: int,

@@ -294,8 +294,9 @@ def test_a_stage_reloads_when_its_alias_moves_without_dropping_requests(served, 
     t = threading.Thread(target=traffic)
     t.start()
     try:
-        handle = serve.get_deployment_handle("RankerStage-challenger", app_name="funnel")
-        assert handle.reload_now.remote().result(timeout_s=120) == str(new.version)
+        handle = serve.get_deployment_handle("Funnel", app_name="funnel")  # the stages are in its replica
+        versions = handle.reload_now.remote().result(timeout_s=120)
+        assert versions["ranker@challenger"] == str(new.version), versions
     finally:
         stop.set()
         t.join()
