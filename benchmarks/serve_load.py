@@ -2,7 +2,7 @@
 
   python -m benchmarks.serve_load --config configs/small.yaml [--url URL] [--duration 60] [--warmup 10]
                                   [--rank-levels 25,50,100,150] [--recommend-levels 25,50,75]
-                                  [--variants serve.colocate=true serve.colocate=false]
+                                  [--variants serve.colocate=true serve.colocate=false] [--via direct,proxy]
 
 Needs registered models (run `make demo` first). Without --url the funnel is deployed
 on 127.0.0.1 (Ray Serve, the config's replica CPUs). For /rank (100 candidates) and
@@ -13,6 +13,8 @@ levels (`--rank-levels`, `--recommend-levels`; default: doubling from --start-qp
 p99 passes 100 ms or a request fails. With --variants the funnel is redeployed once per
 variant (each a comma-separated list of config overrides, e.g. `serve.colocate=false` or
 `serve.max_batch_size=1,serve.colocate=false`) and the levels repeat, side by side in one run.
+`--via` sends the same levels to each deployment's ingress replica directly (Serve's direct
+ingress, on in Funnel's local clusters: jobs/common.py) and through Serve's HTTP proxy.
 Prints a table and the highest QPS with p99 < 100 ms and no errors per variant; writes JSON.
 """
 
@@ -86,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recommend-levels", default="", help="comma-separated QPS levels of /recommend")
     p.add_argument("--variants", nargs="*", default=[],
                    help="deployments to compare, each comma-separated overrides such as serve.colocate=false")
+    p.add_argument("--via", default="direct", help="comma-separated: direct (the ingress replica's port), proxy")
     p.add_argument("--out", default="benchmarks/out/serve_load.json")
     a = p.parse_args(argv)
     variants = a.variants or [""]
+    vias = [v for v in a.via.split(",") if v]
+    if not set(vias) <= {"direct", "proxy"}:
+        p.error(f"--via takes direct and/or proxy, not {a.via!r}")
     if a.url and a.variants:
         p.error("--variants redeploys the funnel: not with --url")
     cfg = load_config(a.config)
@@ -104,40 +110,42 @@ def main(argv: list[str] | None = None) -> int:
     levels = {"/rank": [float(x) for x in a.rank_levels.split(",") if x] or doubling,
               "/recommend": [float(x) for x in a.recommend_levels.split(",") if x] or doubling}
     rows = []
-    print(f"{'variant':<28} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
+    print(f"{'variant':<34} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
           flush=True)
     best: dict[str, float] = {}
     for variant in variants:
-        url = a.url
-        if not url:
-            from jobs.abtest import deploy
+        urls = {"given": a.url} if a.url else {}
+        if not a.url:
+            from jobs.abtest import deploy, served_url
 
             init_ray()
             vcfg = load_config(a.config, [o for o in variant.split(",") if o])
-            url = deploy(vcfg)
-        name = variant or "as configured"
-        for path, bodies in (("/rank", rank), ("/recommend", rec)):
-            if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
-                asyncio.run(_level(url, path, bodies, levels[path][0], a.warmup))
-            for qps in levels[path]:
-                r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"variant": name}
-                rows.append(r)
-                print(f"{name:<28} {path:<11} {qps:>7g} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
-                      f"{r['p99_ms']:>8.1f} {r['errors']:>7}", flush=True)
-                if r["errors"]:
-                    print(f"  first error: {r['first_error']}", flush=True)
-                if r["p99_ms"] >= SLO_MS or r["errors"]:
-                    break
-                best[f"{path} {name}"] = qps
+            deploy(vcfg)
+            urls = {via: served_url(vcfg, via) for via in vias}
+        for via, url in urls.items():
+            name = ",".join(x for x in (variant, f"via {via}") if x)
+            print(f"# {name}: {url}", flush=True)
+            for path, bodies in (("/rank", rank), ("/recommend", rec)):
+                if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
+                    asyncio.run(_level(url, path, bodies, levels[path][0], a.warmup))
+                for qps in levels[path]:
+                    r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"variant": name}
+                    rows.append(r)
+                    print(f"{name:<34} {path:<11} {qps:>7g} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
+                          f"{r['p99_ms']:>8.1f} {r['errors']:>7}", flush=True)
+                    if r["errors"]:
+                        print(f"  first error: {r['first_error']}", flush=True)
+                    if r["p99_ms"] >= SLO_MS or r["errors"]:
+                        break
+                    best[f"{path} {name}"] = qps
         if not a.url:
             from ray import serve
 
             serve.shutdown()  # the next variant deploys from scratch
-    for variant in variants:
-        name = variant or "as configured"
+    for key in sorted({r["variant"] for r in rows}):
         for path in ("/rank", "/recommend"):
-            print(f"highest QPS with p99 < {SLO_MS:.0f} ms and no errors, {path}, {name}: "
-                  f"{best.get(f'{path} {name}', 'none tested')}")
+            print(f"highest QPS with p99 < {SLO_MS:.0f} ms and no errors, {path}, {key}: "
+                  f"{best.get(f'{path} {key}', 'none')}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"levels": rows, "best_qps": best, "slo_ms": SLO_MS}, indent=1))
     return 0

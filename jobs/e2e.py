@@ -142,7 +142,9 @@ def _running_url(cfg: FunnelConfig) -> str | None:
         apps = serve.status().applications
     except Exception:  # Serve not started in this cluster
         return None
-    return f"http://{cfg.serve.host}:{cfg.serve.port}" if "funnel" in apps else None
+    from jobs.abtest import served_url
+
+    return served_url(cfg) if "funnel" in apps else None
 
 
 def config_hash(flat: dict) -> str:

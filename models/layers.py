@@ -256,13 +256,19 @@ class TransformerBlock(nn.Module):
         return x + (self.ffn(h, types) if isinstance(self.ffn, TokenFFN) else self.ffn(h))
 
     def attend(self, h: Tensor, pad: Tensor | None = None) -> Tensor:
-        """Self-attention (B, T, D) with `self.attn`'s weights (nn.MultiheadAttention: its
-        parameters and checkpoints) through one fused scaled_dot_product_attention call: the same
-        numbers as the module, 1.8x faster at inference than its fast path, whose masked softmax
-        dominated CDNet's serving forward (T ≈ 27 tokens, 1,600 rows: benchmarks/RESULTS.md)."""
+        """Self-attention (B, T, D) with `self.attn`'s weights (nn.MultiheadAttention: its parameters
+        and checkpoints), written out: softmax(q kᵀ / √d_h + mask) v on (B, heads, T, d_h). The same
+        numbers as the module; at CDNet's sizes (T ≈ 27 tokens, d_h = 8) about 2x faster than
+        scaled_dot_product_attention and more than the module's fast path, whose masked softmax
+        dominated the serving forward (benchmarks/RESULTS.md, "Serving load")."""
         a, (B, T, d) = self.attn, h.shape
         qkv = F.linear(h, a.in_proj_weight, a.in_proj_bias).view(B, T, 3, a.num_heads, d // a.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, T, d / heads) each
-        mask = None if pad is None else ~pad[:, None, None, :]  # True = attend
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=a.dropout if self.training else 0.0)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, T, d_h) each
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, heads, T, T)
+        if pad is not None:
+            s = s.masked_fill_(pad[:, None, None, :], float("-inf"))
+        w = s.softmax(-1)
+        if self.training and a.dropout > 0:
+            w = F.dropout(w, a.dropout)
+        o = torch.matmul(w, v)  # (B, heads, T, d_h)
         return a.out_proj(o.transpose(1, 2).reshape(B, T, d))

@@ -36,8 +36,9 @@ def e2e_run(ray_session, tmp_path_factory):
         args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"data.output={root / 'processed'}",
                 "--set", f"serve.port={port}", "--set", "serve.reload_s=0"]
         assert e2e.main(args) == 0
-        yield {"root": root, "url": f"http://127.0.0.1:{port}", "args": args, "processed": root / "processed",
-               "log": root / "runs" / "served_events"}
+        deployed = json.loads((root / "runs" / "e2e" / "tiny" / "deploy.json").read_text())
+        yield {"root": root, "url": deployed["url"], "proxy_url": f"http://127.0.0.1:{port}", "args": args,
+               "processed": root / "processed", "log": root / "runs" / "served_events"}
     serve.shutdown()
 
 
@@ -106,9 +107,17 @@ def _users(root, n=40):
     return pd.read_parquet(root / "users.parquet")["user_id"].astype(str).head(n).tolist()
 
 
-def test_endpoints_compose_and_route(served, tiny_processed, auth):
+def test_endpoints_compose_and_route(served, tiny_processed, auth, e2e_run):
+    """Through the ingress replica's own port (Serve's direct ingress: what the deploy stage hands
+    the A/B), and one request through Serve's proxy on serve.port."""
     url, _ = served
     import pandas as pd
+
+    assert url != e2e_run["proxy_url"]  # direct ingress is on in Funnel's clusters (jobs/common.py)
+    r = requests.post(f"{e2e_run['proxy_url']}/retrieve", json={"user_id": _users(tiny_processed)[0], "n": 5},
+                      timeout=60)
+    assert r.status_code == 200 and len(r.json()["items"]) >= 5, r.text
+    assert requests.get(f"{url}/healthz", timeout=60).json()["colocated"] is True
 
     items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()
     r = requests.post(f"{url}/retrieve", json={"user_id": _users(tiny_processed)[0], "n": 30}, timeout=60)
