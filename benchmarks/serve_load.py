@@ -15,6 +15,9 @@ variant (each a comma-separated list of config overrides, e.g. `serve.colocate=f
 `serve.max_batch_size=1,serve.colocate=false`) and the levels repeat, side by side in one run.
 `--via` sends the same levels to each deployment's ingress replica directly (Serve's direct
 ingress, on in Funnel's local clusters: jobs/common.py) and through Serve's HTTP proxy.
+Where the time goes: each level also records the CPU seconds every process on the machine spent
+during it (Linux /proc), per request, grouped as the ingress replica, the other Serve replicas
+(stages), Serve's proxy, the load generator and the rest of Ray.
 Prints a table and the highest QPS with p99 < 100 ms and no errors per variant; writes JSON.
 """
 
@@ -34,6 +37,28 @@ from configs import load_config
 from jobs.common import init_ray
 
 SLO_MS = 100.0
+GROUPS = (("ingress", "ServeReplica:funnel:Funnel"), ("stages", "ServeReplica:funnel:"), ("proxy", "ProxyActor"))
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far per process group: the ingress replica, the stage
+    replicas, Serve's proxy, this load generator, and everything else (Ray's daemons)."""
+    import os
+
+    out = dict.fromkeys([g for g, _ in GROUPS] + ["load generator", "rest"], 0.0)
+    if not os.path.isdir("/proc"):
+        return out
+    tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            continue
+        sec = (int(stat[11]) + int(stat[12])) / tick
+        group = "load generator" if int(pid) == me else next((g for g, key in GROUPS if key in cmd), "rest")
+        out[group] += sec
+    return out
 
 
 async def _level(url: str, path: str, bodies: list[dict], qps: float, duration: float) -> dict:
@@ -110,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = {"/rank": [float(x) for x in a.rank_levels.split(",") if x] or doubling,
               "/recommend": [float(x) for x in a.recommend_levels.split(",") if x] or doubling}
     rows = []
-    print(f"{'variant':<34} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}",
-          flush=True)
+    print(f"{'variant':<34} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+          f"{'CPU ms/request: ingress':>8} {'stages':>7} {'proxy':>6} {'all':>6}", flush=True)
     best: dict[str, float] = {}
     for variant in variants:
         urls = {"given": a.url} if a.url else {}
@@ -129,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
                 if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
                     asyncio.run(_level(url, path, bodies, levels[path][0], a.warmup))
                 for qps in levels[path]:
+                    before = _cpu_seconds()
                     r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"variant": name}
+                    after = _cpu_seconds()
+                    r["cpu_ms_per_request"] = {g: 1000 * (after[g] - before[g]) / max(1, r["requests"]) for g in after}
                     rows.append(r)
+                    c = r["cpu_ms_per_request"]
                     print(f"{name:<34} {path:<11} {qps:>7g} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
-                          f"{r['p99_ms']:>8.1f} {r['errors']:>7}", flush=True)
+                          f"{r['p99_ms']:>8.1f} {r['errors']:>7} {c['ingress']:>8.1f} {c['stages']:>7.1f} "
+                          f"{c['proxy']:>6.1f} {sum(c.values()):>6.1f}", flush=True)
                     if r["errors"]:
                         print(f"  first error: {r['first_error']}", flush=True)
                     if r["p99_ms"] >= SLO_MS or r["errors"]:
