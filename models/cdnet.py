@@ -134,6 +134,11 @@ def core_behaviors(seq: Tensor, mask: Tensor, sim: Tensor, ratio: float, tau: fl
     row's k are padding) and their (B, k_max) validity. Forward: exactly the selected behaviors.
     Backward: every valid behavior's soft mask gets a gradient (eq. 3), see the module docstring."""
     idx, selected, ste = select_core(sim, mask, ratio, tau)
+    if not (torch.is_grad_enabled() and (seq.requires_grad or ste.requires_grad)):
+        # no backward pass (serving, evaluation): the forward values alone — the discrete mask (ste is
+        # hard + soft − sg(soft), the hard mask up to rounding) and no spill (0 in the forward pass) —
+        # without the two (B, L, Db) products (a sixth of CDNet's serving forward: benchmarks/RESULTS.md)
+        return seq.gather(1, idx.unsqueeze(-1).expand(-1, -1, seq.shape[-1])) * selected.unsqueeze(-1), selected
     masked = seq * ste.unsqueeze(-1)  # (B, L, Db): the discrete mask applied to the sequence
     chosen = masked.gather(1, idx.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))  # (B, k_max, Db)
     rest = torch.ones_like(ste).scatter(1, idx, (~selected).to(ste.dtype))  # (B, L): 1 where not selected

@@ -296,3 +296,17 @@ def test_transformer_attention_equals_the_multihead_attention_module(train):
         g1 = torch.autograd.grad(got.square().sum(), [h, blk.attn.in_proj_weight])
         g2 = torch.autograd.grad(want.square().sum(), [h, blk.attn.in_proj_weight])
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2, strict=True))
+
+
+def test_core_behaviors_without_a_backward_pass_give_the_forward_values_of_the_ste_path():
+    """Serving skips the straight-through products; the values must be those of the training path."""
+    from models.cdnet import core_behaviors
+
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randn(7, 12, 6, generator=g)
+    mask = torch.arange(12)[None, :] >= torch.tensor([12, 10, 6, 0, 11, 3, 9])[:, None]  # left padding, short rows
+    sim = (torch.rand(7, 12, generator=g) * 2 - 1) * mask
+    with torch.no_grad():
+        fast, sel_fast = core_behaviors(seq, mask, sim, 0.3, 0.5)
+    slow, sel_slow = core_behaviors(seq.clone().requires_grad_(True), mask, sim, 0.3, 0.5)
+    assert torch.equal(sel_fast, sel_slow) and torch.allclose(fast, slow.detach(), atol=1e-6)  # ste = hard + soft − sg(soft): hard up to rounding
