@@ -114,9 +114,11 @@ def stage_index(cfg: FunnelConfig) -> dict:
 
 
 def stage_deploy(cfg: FunnelConfig) -> dict:
-    from jobs.abtest import deploy
+    from jobs.abtest import deploy, served_url
 
-    return {"url": deploy(cfg)}
+    url = deploy(cfg)
+    print(f"[e2e] the funnel answers at {url} (Serve's proxy: {served_url(cfg, 'proxy')})", flush=True)
+    return {"url": url}
 
 
 def stage_abtest(cfg: FunnelConfig) -> dict:
