@@ -146,15 +146,13 @@ class RecentClicks:
                 self._clicks.popitem(last=False)
 
     def before(self, user_id: str, ts: int) -> list[str] | None:
-        with self._lock:
-            clicks = self._clicks.get(user_id)
-            if not clicks:
-                return None
-            n = bisect.bisect_left(clicks, (int(ts), ""))
-            return [item for _, item in clicks[:n]] or None
+        """The item ids of `before_with_ts`."""
+        clicks = self.before_with_ts(user_id, ts)
+        return [item for _, item in clicks] if clicks else None
 
     def before_with_ts(self, user_id: str, ts: int) -> list[tuple[int, str]] | None:
-        """`before`, as (click ts, item id) pairs."""
+        """The user's clicks strictly before ts as (click ts, item id) pairs, oldest first (None: none);
+        what the ingress reads into a request's history."""
         with self._lock:
             clicks = self._clicks.get(user_id)
             if not clicks:
