@@ -1,7 +1,7 @@
 """Ingest throughput and memory: Ray Data against a single-process pandas run of the same transform.
 
-  python -m benchmarks.pipeline                 # 1M events + the bounded-memory run
-  python -m benchmarks.pipeline --users 1000    # a quick look
+  python -m benchmarks.pipeline                 # 0.25M, 1M, 4M events + the bounded-memory run
+  python -m benchmarks.pipeline --users 1000 --skip-scaling --skip-bounded   # a quick look
 
 Both variants read the same simulator log from Parquet and write the same
 outputs (identical fingerprints are checked), each in its own subprocess so
@@ -90,8 +90,9 @@ def make_input(users: int, root: Path) -> dict:
     return info
 
 
-def run_variant(variant: str, input_dir: str, output: str, object_store: int) -> dict:
-    """Runs inside the child process."""
+def run_variant(variant: str, input_dir: str, output: str, object_store: int, partitions: int) -> dict:
+    """Runs inside the child process. `seconds` is the ingest itself (for Ray: on a cluster that is
+    up, as `ray job submit` finds it); `seconds_with_start` adds starting the local cluster."""
     import pandas as pd
 
     from configs import load_config
@@ -107,21 +108,27 @@ def run_variant(variant: str, input_dir: str, output: str, object_store: int) ->
 
         events = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         stats = run_ingest_local(cfg, events, RawTables(None, items, users, True, "simulator"))
-        spilled = 0
+        spilled, t_up = 0, t0
     else:
         import ray
 
+        from jobs.common import ray_startup_env
         from pipeline.ingest import run_ingest
+        from pipeline.readers import read_parquet_files
 
+        ray_startup_env()
         ray.init(num_cpus=2, object_store_memory=object_store or None, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_partitions=4))
-        raw = RawTables(ray.data.read_parquet(files), items, users, True, "simulator")
+        t_up = time.perf_counter()
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_partitions=partitions))
+        raw = RawTables(read_parquet_files(files, partitions), items, users, True, "simulator")
         stats = run_ingest(cfg, raw)
         spilled = _spilled_bytes()
         ray.shutdown()
-    return {"seconds": time.perf_counter() - t0, "fingerprint": stats["fingerprint"],
-            "events": stats["input_rows"]["events"], "spilled_bytes": spilled}
+    t1 = time.perf_counter()
+    return {"seconds": t1 - t_up, "seconds_with_start": t1 - t0, "fingerprint": stats["fingerprint"],
+            "events": stats["input_rows"]["events"], "spilled_bytes": spilled, "partitions": partitions,
+            "stage_seconds": stats["stage_seconds"]}
 
 
 def _spilled_bytes() -> int:
@@ -137,13 +144,14 @@ def _spilled_bytes() -> int:
     return 0
 
 
-def measure(variant: str, input_dir: Path, object_store: int = 0) -> dict:
+def measure(variant: str, input_dir: Path, object_store: int = 0, partitions: int = 4) -> dict:
     out_dir = OUT / f"ingest-{variant}"
     res_file = OUT / f"result-{variant}.json"
     env = {**os.environ, "RAY_TMPDIR": str((OUT / "ray").resolve()), "PYTHONUNBUFFERED": "1"}
     (OUT / "ray").mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.pipeline", "--child", variant, "--input", str(input_dir),
-           "--output", str(out_dir), "--object-store", str(object_store), "--result", str(res_file)]
+           "--output", str(out_dir), "--object-store", str(object_store), "--result", str(res_file),
+           "--partitions", str(partitions)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with PeakMemory(proc.pid) as mem:
         _, err = proc.communicate()
@@ -159,53 +167,67 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=5000, help="simulator users (5000 ≈ 1M events)")
     p.add_argument("--skip-bounded", action="store_true")
+    p.add_argument("--skip-scaling", action="store_true", help="only --users, not also /4 and x4")
+    p.add_argument("--bounded-partitions", type=int, default=16,
+                   help="data.num_partitions of the bounded-memory run (more partitions, smaller groups)")
     p.add_argument("--child", choices=["pandas", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     p.add_argument("--object-store", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--partitions", type=int, default=4, help="data.num_partitions of the Ray runs (1M events)")
     args = p.parse_args(argv)
     if args.child:
-        res = run_variant(args.child, args.input, args.output, args.object_store)
+        res = run_variant(args.child, args.input, args.output, args.object_store, args.partitions)
         Path(args.result).write_text(json.dumps(res))
         return 0
 
     OUT.mkdir(parents=True, exist_ok=True)
-    info = make_input(args.users, OUT / f"input-{args.users}")
-    print(f"input: {info['events']:,} events ({info['arrow_bytes'] / 2**20:.0f} MiB in Arrow), {args.users:,} users")
-    rows = {}
-    for v in ("pandas", "ray"):
-        print(f"  running {v} ...", flush=True)
-        rows[v] = measure(v, OUT / f"input-{args.users}")
-    same = rows["pandas"]["fingerprint"] == rows["ray"]["fingerprint"]
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "command": "python -m benchmarks.pipeline " + " ".join(argv or sys.argv[1:]),
-        "input": info, "variants": rows, "same_output": same,
-        "ray_over_pandas_throughput": rows["ray"]["events_per_s"] / rows["pandas"]["events_per_s"],
-        "ray_over_pandas_peak_memory": rows["ray"]["peak_pss_bytes"] / rows["pandas"]["peak_pss_bytes"],
-    }
+    sizes = [args.users] if args.skip_scaling else sorted({args.users // 4, args.users, args.users * 4})
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+              "command": "python -m benchmarks.pipeline " + " ".join(argv or sys.argv[1:]), "sizes": {}}
+    for users in sizes:
+        info = make_input(users, OUT / f"input-{users}")
+        print(f"input: {info['events']:,} events ({info['arrow_bytes'] / 2**20:.0f} MiB in Arrow), {users:,} users")
+        rows = {}
+        for v in ("pandas", "ray"):
+            print(f"  running {v} ...", flush=True)
+            rows[v] = measure(v, OUT / f"input-{users}", partitions=args.partitions)
+        result["sizes"][users] = {"input": info, "variants": rows,
+                                  "same_output": rows["pandas"]["fingerprint"] == rows["ray"]["fingerprint"],
+                                  "ray_over_pandas_throughput": rows["pandas"]["seconds"] / rows["ray"]["seconds"],
+                                  "ray_over_pandas_with_start": rows["pandas"]["seconds"] / rows["ray"]["seconds_with_start"],
+                                  "ray_over_pandas_peak_memory": rows["ray"]["peak_pss_bytes"] / rows["pandas"]["peak_pss_bytes"]}
     if not args.skip_bounded:
         big_users = args.users * 4  # ~3x the 80 MiB object store at the default size
         big = make_input(big_users, OUT / f"input-{big_users}")
         store = max(80 * 2**20, big["arrow_bytes"] // 3)
         print(f"  bounded: {big['events']:,} events ({big['arrow_bytes'] / 2**20:.0f} MiB) through a "
-              f"{store / 2**20:.0f} MiB object store ...", flush=True)
-        result["bounded"] = measure("ray", OUT / f"input-{big_users}", object_store=store) | {
+              f"{store / 2**20:.0f} MiB object store, {args.bounded_partitions} partitions ...", flush=True)
+        result["bounded"] = measure("ray", OUT / f"input-{big_users}", object_store=store,
+                                    partitions=args.bounded_partitions) | {
             "object_store_bytes": store, "input_arrow_bytes": big["arrow_bytes"]}
     (OUT / "pipeline.json").write_text(json.dumps(result, indent=2))
 
-    print(f"\n{'variant':<10}{'events':>12}{'seconds':>10}{'events/s':>12}{'peak MiB':>10}  fingerprint")
-    for v, r in rows.items():
-        print(f"{v:<10}{r['events']:>12,}{r['seconds']:>10.1f}{r['events_per_s']:>12,.0f}"
-              f"{r['peak_pss_bytes'] / 2**20:>10.0f}  {r['fingerprint']}")
-    print(f"ray/pandas throughput {result['ray_over_pandas_throughput']:.2f}x, peak memory "
-          f"{result['ray_over_pandas_peak_memory']:.2f}x, same output: {same}")
+    print(f"\n{'events':>10} {'variant':<8}{'seconds':>9}{'+start':>8}{'events/s':>11}{'peak MiB':>10}  fingerprint")
+    for r in result["sizes"].values():
+        for v, x in r["variants"].items():
+            start = f"{x['seconds_with_start']:8.1f}" if v == "ray" else f"{'':8}"
+            print(f"{x['events']:>10,} {v:<8}{x['seconds']:>9.1f}{start}{x['events_per_s']:>11,.0f}"
+                  f"{x['peak_pss_bytes'] / 2**20:>10.0f}  {x['fingerprint']}")
+        print(f"{'':>10} ray/pandas throughput {r['ray_over_pandas_throughput']:.2f}x "
+              f"({r['ray_over_pandas_with_start']:.2f}x counting the cluster start), peak memory "
+              f"{r['ray_over_pandas_peak_memory']:.2f}x, same output: {r['same_output']}")
+    for r in result["sizes"].values():
+        for v, x in r["variants"].items():
+            print(f"stages {x['events']:,} {v}: " + ", ".join(f"{k} {t:.1f}" for k, t in x["stage_seconds"].items()))
     if "bounded" in result:
         b = result["bounded"]
         print(f"bounded: {b['events']:,} events, input {b['input_arrow_bytes'] / 2**20:.0f} MiB vs object store "
-              f"{b['object_store_bytes'] / 2**20:.0f} MiB ({b['input_arrow_bytes'] / b['object_store_bytes']:.1f}x): "
-              f"{b['seconds']:.1f}s, peak {b['peak_pss_bytes'] / 2**20:.0f} MiB, spilled {b['spilled_bytes'] / 2**20:.0f} MiB")
+              f"{b['object_store_bytes'] / 2**20:.0f} MiB ({b['input_arrow_bytes'] / b['object_store_bytes']:.1f}x), "
+              f"{b['partitions']} partitions: {b['seconds']:.1f}s, peak {b['peak_pss_bytes'] / 2**20:.0f} MiB, "
+              f"spilled {b['spilled_bytes'] / 2**20:.0f} MiB")
+        print("stages bounded: " + ", ".join(f"{k} {t:.1f}" for k, t in b["stage_seconds"].items()))
     print(f"wrote {OUT / 'pipeline.json'}")
     return 0
 

@@ -19,16 +19,18 @@ from typing import Any, Literal
 
 import yaml
 
-from models.adaf2m2 import AdaF2M2Config
-from models.cdnet import CDNetConfig
-from models.dcnv2 import DCNv2Config
-from models.din import DINConfig
-from models.dlf import DLFConfig
-from models.karma import KARMAConfig
-from models.lrea import LREAConfig
-from models.mean_pool import MeanPoolConfig
-from models.sim_hard import SIMHardConfig
-from models.two_tower import TwoTowerConfig
+from models.configs import (  # torch-free: a data worker loads this config without torch
+    AdaF2M2Config,
+    CDNetConfig,
+    DCNv2Config,
+    DINConfig,
+    DLFConfig,
+    KARMAConfig,
+    LREAConfig,
+    MeanPoolConfig,
+    SIMHardConfig,
+    TwoTowerConfig,
+)
 
 
 class ConfigError(ValueError):

@@ -26,6 +26,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
 
     if ray.is_initialized():
         return
+    ray_startup_env()
     serve_startup_env()
     # The dashboard (127.0.0.1:8265) also serves the State API that Ray Train's placement-group
     # cleaner polls; without it every fit logs a warning per second.
@@ -36,6 +37,19 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         if object_store_memory:
             kwargs["object_store_memory"] = object_store_memory
     ray.init(**kwargs)
+
+
+def ray_startup_env() -> None:
+    """Ray settings that must be in the environment before a local cluster starts.
+
+    A raylet kills a worker idle for more than 1 s once more workers exist than its soft limit
+    (the CPU count), and Ray Data keeps two 0-CPU actors alive (its stats and autoscaling
+    actors), so on a small node every pause between two executions cost both task workers:
+    the next stage started new processes that import pandas, pyarrow and the pipeline again.
+    The ingest at 1M events spent 71 s instead of 33 s that way (benchmarks/RESULTS.md,
+    "Ingest"). Idle workers now live 30 s. `ray_cluster.yaml` sets the same on every node.
+    """
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "30000")
 
 
 def serve_startup_env() -> None:

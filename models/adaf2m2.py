@@ -32,33 +32,13 @@ behavior of a masked copy, and one adapter weight that scales every behavior.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor, nn
 
 from models.base import RankingModel
+from models.configs import AdaF2M2Config
 from models.layers import MLP, Embedded, ModelOutput
 from models.spec import FeatureSpec
-
-
-@dataclass
-class AdaF2M2Config:
-    k: int = 1
-    beta: float = 0.1
-    gamma: float = 0.5
-    alpha: float = 0.2
-    adapter_hidden: list[int] = field(default_factory=lambda: [64])
-
-    def __post_init__(self):
-        if not 0.0 <= self.beta <= self.gamma <= 1.0:
-            raise ValueError(f"need 0 <= beta <= gamma <= 1, got beta={self.beta}, gamma={self.gamma}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-
-    @classmethod
-    def tiny(cls) -> AdaF2M2Config:
-        return cls(k=2, adapter_hidden=[16])
 
 
 class StateAdapter(nn.Module):

@@ -50,13 +50,13 @@ Transformer to find among the core tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RankingModel
+from models.configs import CDNetConfig
 from models.layers import (
     MLP,
     Embedded,
@@ -67,36 +67,6 @@ from models.layers import (
     masked_mean,
 )
 from models.spec import AGE_BUCKETS, FeatureSpec
-
-
-@dataclass
-class CDNetConfig:
-    embed_dim: int = 16
-    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
-    sim_dim: int = 32
-    topk_ratio: float = 0.1
-    bins: int = 10
-    layers: int = 2
-    heads: int = 2
-    ffn_mult: int = 2
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
-    tau: float = 0.5  # temperature of the soft mask used by the STE backward, in units of the row's score std
-    use_core: bool = True
-    use_distribution: bool = True
-    full_sequence: bool = False
-    behavior_age: bool = False  # the behaviors' age on the core tokens (variant, see the module docstring)
-    category_recency: bool = False  # a context token: the age of the latest behavior in the target's category
-
-    def __post_init__(self):
-        if not 0.0 < self.topk_ratio <= 1.0:
-            raise ValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
-        if self.bins < 1:
-            raise ValueError(f"bins must be >= 1, got {self.bins}")
-
-    @classmethod
-    def tiny(cls) -> CDNetConfig:
-        return cls(embed_dim=8, sim_dim=8, topk_ratio=0.5, bins=4, layers=1, heads=2, hidden=[16])
 
 
 def core_counts(valid_len: Tensor, ratio: float) -> Tensor:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from models.base import RankingModel
+from models.configs import DCNv2Config
 from models.layers import (
     MLP,
     CrossLayerV2,
@@ -18,21 +17,6 @@ from models.layers import (
     masked_mean,
 )
 from models.spec import FeatureSpec
-
-
-@dataclass
-class DCNv2Config:
-    embed_dim: int = 16
-    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
-    cross_layers: int = 3
-    cross_rank: int = 0  # 0 = full-rank W
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
-    sequence: str = "mean"  # how the behaviors enter as one more field: "mean" | "din"
-
-    @classmethod
-    def tiny(cls) -> DCNv2Config:
-        return cls(embed_dim=8, cross_layers=2, hidden=[32])
 
 
 class DCNv2(RankingModel):

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from models.base import RankingModel
+from models.configs import DINConfig
 from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, TargetAttention, short_view
 from models.spec import FeatureSpec
-
-
-@dataclass
-class DINConfig:
-    embed_dim: int = 16
-    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
-    dropout: float = 0.0
-    sequence: str = "short"  # "short" (last short_len behaviors) | "long" (all L)
-    attention_norm: str = "softmax"  # "softmax" | "none" (the DIN paper's unnormalised weights)
-
-    @classmethod
-    def tiny(cls) -> DINConfig:
-        return cls(embed_dim=8, hidden=[32], attention_hidden=[16])
 
 
 class DIN(RankingModel):

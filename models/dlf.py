@@ -32,44 +32,14 @@ the last one fuses them with NAF.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RankingModel
+from models.configs import DLFConfig
 from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, masked_mean
 from models.spec import FeatureSpec
-
-
-@dataclass
-class DLFConfig:
-    embed_dim: int = 16
-    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
-    layers: int = 3
-    rank: int = 24
-    n_low: int = 16
-    n_high: int = 16
-    n_implicit: int = 16
-    block_hidden: list[int] = field(default_factory=lambda: [256])
-    heads: int = 2
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
-    gate_eps: float = 1e-3
-    use_gate: bool = True
-    use_rli: bool = True
-    use_naf: bool = True
-    post_norm: bool = False  # LayerNorm after the gated residual (not in eq. 9)
-    head: str = "mlp"  # "mlp" | "linear" (eq. 16: one fully connected layer)
-
-    def __post_init__(self):
-        if self.head not in ("mlp", "linear"):
-            raise ValueError(f"DLF head must be 'mlp' or 'linear', got {self.head!r}")
-
-    @classmethod
-    def tiny(cls) -> DLFConfig:
-        return cls(embed_dim=8, layers=2, rank=4, n_low=4, n_high=4, n_implicit=4, block_hidden=[32], hidden=[16])
 
 
 def multihead(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:

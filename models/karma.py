@@ -45,57 +45,12 @@ start-of-title token), N item keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.configs import KARMAConfig
 from models.layers import ModelOutput
-
-
-@dataclass
-class KARMAConfig:
-    dim: int = 64
-    text_encoder: str = "small"  # "small" (trained here) | "features" (frozen precomputed vectors)
-    text_dim: int = 64
-    text_layers: int = 1
-    text_heads: int = 2
-    decoder_path: str = ""  # a local HF causal-LM checkpoint; "" = build from the sizes below
-    decoder_hidden: int = 64
-    decoder_layers: int = 2
-    decoder_heads: int = 4
-    decoder_kv_heads: int = 2
-    decoder_intermediate: int = 128
-    lam_dec: float = 0.5
-    lam_dec_ramp_steps: int = 50  # λ_dec rises linearly from 0 over these steps after the warm-up
-    warmup_steps: int = 20  # stage (i): semantic warm-up only (each step decodes ~the whole catalogue's
-    # titles: a batch's targets and hard negatives); 0 = joint training from the first step
-    in_batch_negatives: bool = True
-    logq: bool = True  # log-q correction of the in-batch negatives (needs item_logq in the batch)
-    uniform_negatives: int = 32  # per row, uniform over the items released at the row's ts
-    w_hard: float = 1.0  # weights of the three negative groups' mean pair losses
-    w_in_batch: float = 1.0
-    w_uniform: float = 1.0
-    item_bias: bool = False  # variant: [e_i; b_i]·[u; 1]
-    id_embedding: bool = False  # variant: + item-ID embedding (ID dropout below)
-    id_dropout: float = 0.5
-
-    def __post_init__(self):
-        if self.text_encoder not in ("small", "features"):
-            raise ValueError(f"text_encoder must be 'small' or 'features', got {self.text_encoder!r}")
-        if self.lam_dec < 0:
-            raise ValueError(f"lam_dec must be >= 0, got {self.lam_dec}")
-        for name in ("w_hard", "w_in_batch", "w_uniform", "uniform_negatives", "warmup_steps", "lam_dec_ramp_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.id_dropout < 1:
-            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
-
-    @classmethod
-    def tiny(cls) -> KARMAConfig:
-        return cls(dim=16, text_dim=16, decoder_hidden=32, decoder_layers=1, decoder_heads=2, decoder_kv_heads=1,
-                   decoder_intermediate=32, warmup_steps=2, lam_dec_ramp_steps=2, uniform_negatives=8)
 
 
 class SmallTextEncoder(nn.Module):

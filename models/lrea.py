@@ -23,31 +23,16 @@ The interest joins the other field embeddings in an MLP (§3.1, last sentence).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import RankingModel
+from models.configs import LREAConfig
 from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput
 from models.spec import FeatureSpec
-
-
-@dataclass
-class LREAConfig:
-    embed_dim: int = 16
-    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
-    rank: int = 64  # the paper's best range is 64–128 (32 its worst)
-    attention_hidden: int = 64
-    negative_slope: float = 0.01
-    lam: float = 0.3  # λ of eq. 11
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
-
-    @classmethod
-    def tiny(cls) -> LREAConfig:
-        return cls(embed_dim=8, rank=4, attention_hidden=8, hidden=[16])
 
 
 def recency_buckets(L: int, r: int) -> tuple[Tensor, Tensor]:

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from models.base import RankingModel
+from models.configs import MeanPoolConfig
 from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, masked_mean, short_view
 from models.spec import FeatureSpec
-
-
-@dataclass
-class MeanPoolConfig:
-    embed_dim: int = 16
-    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
-    use_long: bool = True
-
-    @classmethod
-    def tiny(cls) -> MeanPoolConfig:
-        return cls(embed_dim=8, hidden=[32])
 
 
 class MeanPoolDNN(RankingModel):

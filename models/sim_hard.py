@@ -8,28 +8,13 @@ Notation: B batch, L behaviors, k kept, Db = 3·D behavior dim, F fields.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
 from models.base import RankingModel
+from models.configs import SIMHardConfig
 from models.layers import MLP, Embedded, FieldEmbedding, ModelOutput, TargetAttention
 from models.spec import FeatureSpec
-
-
-@dataclass
-class SIMHardConfig:
-    embed_dim: int = 16
-    id_dropout: float = 0.2  # user/item id → OOV in training (models.layers.FieldEmbedding)
-    k: int = 50
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    attention_hidden: list[int] = field(default_factory=lambda: [64, 32])
-    dropout: float = 0.0
-
-    @classmethod
-    def tiny(cls) -> SIMHardConfig:
-        return cls(embed_dim=8, k=4, hidden=[16], attention_hidden=[8])
 
 
 def hard_search(hist_cat: Tensor, mask: Tensor, target_cat: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -24,36 +24,16 @@ Notation: B batch, D field dim, d tower output dim, F_u / F_i user / item fields
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.configs import TwoTowerConfig
 from models.layers import MLP, FieldEmbedding, ModelOutput, masked_mean
 from models.spec import SEQ_FIELDS, FeatureSpec
 
 ITEM_SIDE = ("item_idx", "cat_idx", "brand_idx")
-
-
-@dataclass
-class TwoTowerConfig:
-    embed_dim: int = 16
-    dim: int = 64
-    hidden: list[int] = field(default_factory=lambda: [256])
-    temperature: float = 0.05
-    logq: bool = True
-    item_counters: bool = True  # the item tower reads the item's click counters (with them it can be a popularity model)
-    adaf2m2: bool = False
-    k: int = 2
-    beta: float = 0.1
-    gamma: float = 0.5
-    alpha: float = 0.2
-    adapter_hidden: list[int] = field(default_factory=lambda: [32])
-
-    @classmethod
-    def tiny(cls) -> TwoTowerConfig:
-        return cls(embed_dim=8, dim=16, hidden=[32], adapter_hidden=[8])
 
 
 def sampled_softmax_loss(u: Tensor, v: Tensor, item_keys: Tensor, logq: Tensor | None, temperature: float) -> Tensor:

@@ -40,6 +40,7 @@ from pipeline.examples import (
     numpy_frame,
 )
 from pipeline.outputs import (
+    NUMERIC_FIELDS,
     click_rows,
     combine_moments,
     combine_summary,
@@ -124,11 +125,6 @@ def id_counts(df: pd.DataFrame, key: str, t_val: int) -> pd.DataFrame:
     }).groupby(key, as_index=False, sort=False).sum()
 
 
-def _sum_counts(parts: pd.DataFrame, key: str) -> pd.DataFrame:
-    parts = parts.rename(columns=lambda c: c[4:-1] if c.startswith("sum(") else c)
-    return parts.groupby(key).sum()
-
-
 def _catalog(plan: Plan, items: pd.DataFrame, users: pd.DataFrame) -> Catalog:
     """`items`/`users`: per-id counts indexed by id (from `id_counts`, summed)."""
     return build_catalog(
@@ -187,35 +183,44 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
 
 
 def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: RawTables) -> dict[str, Any]:
+    clock = StageClock()
     plan = make_plan(cfg, raw)
     v = validate_events(raw_events, plan.rules, pd.Index(plan.items["item_id"]))
     rejected = rejects_frame(v, "events")
     acc = v[v["reject_reason"] == ""].drop(columns="reject_reason")
+    clock.mark("validate")
     t_val, t_test = split_times(int(acc["ts"].min()), int(acc["ts"].max()), cfg.data.val_frac, cfg.data.test_frac)
     items_n, users_n = id_counts(acc, "item_id", t_val).set_index("item_id"), id_counts(acc, "user_id", t_val).set_index("user_id")
+    clock.mark("id counts")
     cat = _catalog(plan, items_n, users_n)
     ctx = _context(plan, cat, items_n["train_click"])
     keyed = _keyed(acc, cat.item_index, cat.user_index, 1)
     p1 = annotate_user_events(keyed, ctx)
+    clock.mark("user pass")
     dups = _dup_rejects(p1)
     exp = _split_and_bucket(p1, t_val, t_test, 1)
     prior = float(exp.loc[exp["split"] == "train", "label"].mean()) if (exp["split"] == "train").any() else DEFAULT_PRIOR
     p2 = item_counters(exp)
+    clock.mark("item pass")
     ft = FeatureTables.from_catalog(cat)
     d = cfg.data
     fin = finalize(p2, ft, PastPrior.from_counts(daily_counts(exp)), d.ctr_prior_strength, d.long_len, d.short_len, d.max_hard_negatives)
     fin = fin.sort_values(["ts", "user_key", "item_key", "request_id"], kind="stable").reset_index(drop=True)
+    clock.mark("finalize")
     ranking_rows(fin, d.max_hard_negatives).to_parquet(out / "ranking", partition_cols=["split"], index=False)
     pq.write_to_dataset(retrieval_rows(fin, ft, d.max_hard_negatives, cat.profile_fields), out / "retrieval",
                         partition_cols=["split"])
     (out / "clicks").mkdir()
     click_rows(fin).to_parquet(out / "clicks" / "part-0.parquet", index=False)
+    clock.mark("write outputs")
     all_rejects = pd.concat([rejected, dups], ignore_index=True)
     all_rejects.to_parquet(out / "rejects" / "events.parquet", index=False)
     summary = combine_summary(partial_summary(fin)) | {
         "users": int(fin["user_key"].nunique()), "items": int(fin["item_key"].nunique())}
-    return write_meta(out, plan, cat, summary, all_rejects["reason"].value_counts(), len(raw_events),
+    stats = write_meta(out, plan, cat, summary, all_rejects["reason"].value_counts(), len(raw_events),
                        len(acc) - len(dups), t_val, t_test, prior, combine_moments(numeric_moments(fin)))
+    clock.mark("output stats")
+    return stats | {"stage_seconds": clock.seconds}
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -229,6 +234,12 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
 
 
 def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str, Any]:
+    """Eight executions over the data, each paying Ray Data's fixed start-up cost once: validate
+    (materialised), one pass of per-block statistics, the rejected rows' write (only when there
+    are any), one pass of id counts, the user pass (shuffle, materialised), one pass of its
+    statistics, the item pass (shuffle, materialised), the three writes and one pass of the
+    output statistics. Every statistic the driver needs comes back as per-block partials
+    (`_partials`), catalogue-sized, never event-sized."""
     from ray.data import DataContext
     from ray.data.expressions import col
 
@@ -237,36 +248,32 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     ctx_ray = DataContext.get_current()
     ctx_ray.enable_progress_bars = cfg.data.progress
     ctx_ray.shuffle_strategy = cfg.data.shuffle_strategy
+    clock = StageClock()
     raw = raw or read_source(cfg)
     plan = make_plan(cfg, raw)
     P = max(1, cfg.data.num_partitions)
     known = pd.Index(plan.items["item_id"])
-    rules = plan.rules
 
     validated = raw.events.map_batches(
-        validate_events, batch_format="pandas", fn_kwargs={"rules": rules, "known_items": known}
+        validate_events, batch_format="pandas", fn_kwargs={"rules": plan.rules, "known_items": known}
     ).materialize()
-    n_input = validated.count()
-    rejected = validated.filter(expr=col("reject_reason") != "").map_batches(
-        rejects_frame, batch_format="pandas", fn_kwargs={"table": "events"}
-    ).materialize()
-    rejected.write_parquet(str(out / "rejects" / "events"))
-    acc = validated.filter(expr=col("reject_reason") == "").drop_columns(["reject_reason"]).materialize()
-    n_acc = acc.count()
-    if n_acc == 0:
+    clock.mark("read+validate")
+    vs = combine_validated(_partials(validated.select_columns(["reject_reason", "ts"]), validated_stats))
+    clock.mark("validated stats")
+    if vs["rejected"]:
+        validated.filter(expr=col("reject_reason") != "").map_batches(
+            rejects_frame, batch_format="pandas", fn_kwargs={"table": "events"}
+        ).write_parquet(str(out / "rejects" / "events"))
+        clock.mark("write rejects")
+    if vs["accepted"] == 0:
         raise ValueError("no event passed validation; see rejects/ for why")
-    t_val, t_test = split_times(int(acc.min("ts")), int(acc.max("ts")), cfg.data.val_frac, cfg.data.test_frac)
-    counts = {
-        key: _sum_counts(
-            acc.map_batches(id_counts, batch_format="pandas", fn_kwargs={"key": key, "t_val": t_val})
-            .groupby(key, num_partitions=P).sum(["n", "train_exp", "train_click"]).to_pandas(),
-            key,
-        )
-        for key in ("item_id", "user_id")
-    }
-    cat = _catalog(plan, counts["item_id"], counts["user_id"])
-    ex_ctx = _context(plan, cat, counts["item_id"]["train_click"])
-    del counts
+    acc = validated.filter(expr=col("reject_reason") == "").drop_columns(["reject_reason"])
+    t_val, t_test = split_times(vs["ts_min"], vs["ts_max"], cfg.data.val_frac, cfg.data.test_frac)
+    items_n, users_n = combine_id_counts(_partials(acc, both_id_counts, t_val=t_val))
+    clock.mark("id counts")
+    cat = _catalog(plan, items_n, users_n)
+    ex_ctx = _context(plan, cat, items_n["train_click"])
+    del items_n, users_n
 
     buckets = P * 4
     keyed = acc.map_batches(
@@ -276,24 +283,25 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     p1 = keyed.groupby("bucket", num_partitions=P).map_groups(
         annotate_user_events, batch_format="pandas", fn_kwargs={"ctx": ex_ctx}
     ).materialize()
-    dups = p1.filter(expr=col("dup") == True)  # noqa: E712
-    dups.map_batches(_dup_rejects, batch_format="pandas").write_parquet(str(out / "rejects" / "duplicates"))
-    n_dup = dups.count()
-    exp = p1.map_batches(
-        _split_and_bucket, batch_format="pandas", fn_kwargs={"t_val": t_val, "t_test": t_test, "buckets": buckets}
-    ).materialize()
-    del p1
-    train_n = exp.filter(expr=col("split") == "train")
-    prior = float(train_n.mean("label")) if train_n.count() else DEFAULT_PRIOR
-    past_prior = PastPrior.from_counts(exp.map_batches(daily_counts, batch_format="pandas").to_pandas())
+    del validated, acc, keyed
+    clock.mark("user pass")
+    us = combine_user_pass(_partials(p1.select_columns(USER_PASS_STAT_COLUMNS), user_pass_stats, t_val=t_val, t_test=t_test))
+    clock.mark("user pass stats")
+    if us["duplicates"]:
+        p1.filter(expr=col("dup") == True).map_batches(  # noqa: E712
+            _dup_rejects, batch_format="pandas").write_parquet(str(out / "rejects" / "duplicates"))
+        clock.mark("write duplicates")
     ft = FeatureTables.from_catalog(cat)
     d = cfg.data
+    exp = p1.map_batches(
+        _split_and_bucket, batch_format="pandas", fn_kwargs={"t_val": t_val, "t_test": t_test, "buckets": buckets})
     fin = exp.groupby("ibucket", num_partitions=P).map_groups(item_counters, batch_format="pandas").map_batches(
         finalize, batch_format="pandas",
-        fn_kwargs={"ft": ft, "prior": past_prior, "strength": d.ctr_prior_strength, "long_len": d.long_len,
+        fn_kwargs={"ft": ft, "prior": us["past_prior"], "strength": d.ctr_prior_strength, "long_len": d.long_len,
                    "short_len": d.short_len, "n_hard": d.max_hard_negatives},
     ).materialize()
-    del exp
+    del p1, exp
+    clock.mark("item pass")
     fin.map_batches(ranking_rows, batch_format="pandas", fn_kwargs={"n_hard": d.max_hard_negatives}).write_parquet(
         str(out / "ranking"), partition_cols=["split"]
     )
@@ -302,13 +310,104 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
         fn_kwargs={"ft": ft, "n_hard": d.max_hard_negatives, "profile": cat.profile_fields},
     ).write_parquet(str(out / "retrieval"), partition_cols=["split"])
     fin.map_batches(click_rows, batch_format="pandas").write_parquet(str(out / "clicks"))
-    summary = combine_summary(fin.map_batches(partial_summary, batch_format="pandas").to_pandas()) | {
-        "users": len(fin.unique("user_key")), "items": len(fin.unique("item_key"))}
-    reject_sets = (rejected.select_columns(["reason"]),
-                   dups.map_batches(_dup_rejects, batch_format="pandas").select_columns(["reason"]))
-    reasons = pd.concat(
-        [r.groupby("reason").count().to_pandas() for r in reject_sets if r.count()]
-        or [pd.DataFrame({"reason": [], "count()": []})]
-    ).groupby("reason")["count()"].sum()
-    moments = combine_moments(fin.map_batches(numeric_moments, batch_format="pandas").to_pandas())
-    return write_meta(out, plan, cat, summary, reasons, n_input, n_acc - n_dup, t_val, t_test, prior, moments)
+    clock.mark("write outputs")
+    summary, moments = combine_output_stats(_partials(fin.select_columns(OUTPUT_STAT_COLUMNS), output_stats))
+    clock.mark("output stats")
+    reasons = vs["reasons"].add(pd.Series({"duplicate_event": us["duplicates"]}), fill_value=0)
+    stats = write_meta(out, plan, cat, summary, reasons[reasons > 0].astype(np.int64), vs["rows"],
+                       vs["accepted"] - us["duplicates"], t_val, t_test, us["prior"], moments)
+    return stats | {"stage_seconds": clock.seconds}
+
+
+# --------------------------------------------------------------------------- per-block partials
+
+
+class StageClock:
+    """Wall seconds per named stage (between consecutive `mark` calls); the ingest returns them
+    as `stage_seconds` and benchmarks/pipeline.py prints them: where the time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self._t = now
+
+
+def _partials(ds, fn, **kwargs) -> list:
+    """One execution of `fn(block, **kwargs)` per block, its (small, picklable) results
+    brought back to the driver: several statistics from one pass over the data, instead of one
+    Ray Data aggregation (an execution, often a shuffle) per number."""
+    import pickle
+
+    def run(batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"blob": [pickle.dumps(fn(batch, **kwargs))]})
+
+    blobs = ds.map_batches(run, batch_format="pandas", batch_size=None).to_pandas()["blob"]
+    return [pickle.loads(b) for b in blobs]
+
+
+def validated_stats(df: pd.DataFrame) -> dict[str, Any]:
+    """Rows, reject reasons, and the accepted rows' time range of one validated block."""
+    reason = np.asarray(df["reject_reason"].to_numpy(), dtype=object)
+    ok = reason == ""
+    ts = np.asarray(df["ts"].to_numpy())[ok]
+    return {"rows": len(df), "accepted": int(ok.sum()), "reasons": pd.Series(reason[~ok]).value_counts(),
+            "ts_min": int(ts.min()) if len(ts) else None, "ts_max": int(ts.max()) if len(ts) else None}
+
+
+def combine_validated(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    mins = [p["ts_min"] for p in parts if p["ts_min"] is not None]
+    maxs = [p["ts_max"] for p in parts if p["ts_max"] is not None]
+    reasons = pd.concat([p["reasons"] for p in parts]).groupby(level=0).sum() if parts else pd.Series(dtype=np.int64)
+    return {"rows": sum(p["rows"] for p in parts), "accepted": sum(p["accepted"] for p in parts),
+            "rejected": int(reasons.sum()), "reasons": reasons.astype(np.int64),
+            "ts_min": min(mins) if mins else 0, "ts_max": max(maxs) if maxs else 0}
+
+
+def both_id_counts(df: pd.DataFrame, t_val: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return id_counts(df, "item_id", t_val), id_counts(df, "user_id", t_val)
+
+
+def combine_id_counts(parts: list[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-id counts summed over blocks, indexed by id (as `id_counts(...).set_index(key)`)."""
+    items = pd.concat([p[0] for p in parts], ignore_index=True).groupby("item_id").sum()
+    users = pd.concat([p[1] for p in parts], ignore_index=True).groupby("user_id").sum()
+    return items, users
+
+
+USER_PASS_STAT_COLUMNS = ["dup", "is_exposure", "ts", "label", "event", "click_ts"]
+
+
+def user_pass_stats(df: pd.DataFrame, t_val: int, t_test: int) -> dict[str, Any]:
+    """Duplicates, the daily counts behind the past-only prior, and the train CTR of one block of
+    the user pass's output (its exposures: what `_split_and_bucket` keeps)."""
+    df = numpy_frame(df)
+    dup = df["dup"].to_numpy().astype(bool)
+    exp = df[df["is_exposure"].to_numpy().astype(bool) & ~dup]
+    train = assign_split(exp["ts"].to_numpy(), t_val, t_test) == "train"
+    return {"duplicates": int(dup.sum()), "daily": daily_counts(exp),
+            "train_rows": int(train.sum()), "train_clicks": int(exp["label"].to_numpy()[train].sum())}
+
+
+def combine_user_pass(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    n, clicks = sum(p["train_rows"] for p in parts), sum(p["train_clicks"] for p in parts)
+    return {"duplicates": sum(p["duplicates"] for p in parts), "prior": clicks / n if n else DEFAULT_PRIOR,
+            "past_prior": PastPrior.from_counts(pd.concat([p["daily"] for p in parts], ignore_index=True))}
+
+
+OUTPUT_STAT_COLUMNS = ["split", "label", "ts", "user_key", "item_key", "seq_len_long", *NUMERIC_FIELDS]
+
+
+def output_stats(df: pd.DataFrame) -> dict[str, Any]:
+    return {"summary": partial_summary(df), "moments": numeric_moments(df),
+            "users": np.unique(df["user_key"].to_numpy()), "items": np.unique(df["item_key"].to_numpy())}
+
+
+def combine_output_stats(parts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
+    summary = combine_summary(pd.concat([p["summary"] for p in parts], ignore_index=True)) | {
+        "users": len(np.unique(np.concatenate([p["users"] for p in parts]))),
+        "items": len(np.unique(np.concatenate([p["items"] for p in parts])))}
+    return summary, combine_moments(pd.concat([p["moments"] for p in parts], ignore_index=True))

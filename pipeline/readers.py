@@ -39,6 +39,24 @@ def _ray_data():
     return ray.data
 
 
+def read_parquet_files(paths: list[str], num_blocks: int) -> Any:
+    """Parquet files → a Ray Dataset of `num_blocks` read tasks.
+
+    Ray 2.60's default Parquet reader (datasource v2) packs a small input into one block and
+    ignores `override_num_blocks`; on 59 MiB of events that is one read task and one validation
+    task for the whole input, and it also starts 32 FooterReader actors (processes) per listing.
+    The v1 reader honours `override_num_blocks`, so the first passes run on every CPU
+    (benchmarks/RESULTS.md, "Ingest"; ../STACK.md)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return _ray_data().read_parquet(paths, override_num_blocks=num_blocks)
+    finally:
+        ctx.use_datasource_v2 = v2
+
+
 def _canonical_events(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     for c in ("request_id", "position"):

@@ -50,8 +50,9 @@ def ray_session(tmp_path_factory):
     import ray
     from ray.data import DataContext
 
-    from jobs.common import serve_startup_env
+    from jobs.common import ray_startup_env, serve_startup_env
 
+    ray_startup_env()
     serve_startup_env()
     ray.init(
         num_cpus=2,
