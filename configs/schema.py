@@ -79,6 +79,9 @@ class DataConfig:
 
     source: Literal["simulator", "movielens", "movielens1m", "taobao", "parquet"] = "simulator"
     input: str = ""  # path for file sources
+    # served-traffic event logs (serve.event_log folders of events-*.parquet segments) ingested
+    # together with the source's events: the closed loop's new training logs
+    served_events: list[str] = field(default_factory=list)
     output: str = "data/processed/tiny"
     column_map: dict[str, str] = field(default_factory=dict)  # generic reader: canonical -> input column
     extra_event_kinds: list[str] = field(default_factory=lambda: ["buy", "cart", "fav"])
@@ -207,6 +210,10 @@ class ServeConfig:
     batch_wait_ms: float = 2.0  # how long a batch waits to fill
     max_ongoing_requests: int = 32  # per replica (Serve's default, 5, also caps every @serve.batch at 5)
     event_log: str = "runs/served_events"
+    # the event log is written as a segment when this many rows wait or this often (a crash loses
+    # at most one window), and at replica shutdown (serving.router.EventLog)
+    event_log_max_rows: int = 20_000
+    event_log_flush_s: float = 2.0
     access_log: bool = False  # Serve's log line per request, in every replica and echoed by the driver
     # the bearer token of /feedback and /flush (of every endpoint with auth_all): FUNNEL_API_TOKEN
     # in the environment, else this file (the deploying jobs create it, random, mode 0600)

@@ -98,7 +98,8 @@ def make_plan(cfg: FunnelConfig, raw: RawTables) -> Plan:
         catalog_rejects=rejects,
         has_impressions=raw.has_impressions,
         source=raw.source,
-        input_counts={"items": len(raw.items), "users": len(raw.users)},
+        input_counts={"items": len(raw.items), "users": len(raw.users),
+                      **({"served_events": raw.served_events} if raw.served_events else {})},
     )
 
 
@@ -240,14 +241,11 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     statistics, the item pass (shuffle, materialised), the three writes and one pass of the
     output statistics. Every statistic the driver needs comes back as per-block partials
     (`_partials`), catalogue-sized, never event-sized."""
-    from ray.data import DataContext
     from ray.data.expressions import col
 
     from pipeline.readers import read_source
 
-    ctx_ray = DataContext.get_current()
-    ctx_ray.enable_progress_bars = cfg.data.progress
-    ctx_ray.shuffle_strategy = cfg.data.shuffle_strategy
+    configure_ray_data(cfg.data.progress, cfg.data.shuffle_strategy)
     clock = StageClock()
     raw = raw or read_source(cfg)
     plan = make_plan(cfg, raw)
@@ -317,6 +315,16 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     stats = write_meta(out, plan, cat, summary, reasons[reasons > 0].astype(np.int64), vs["rows"],
                        vs["accepted"] - us["duplicates"], t_val, t_test, us["prior"], moments)
     return stats | {"stage_seconds": clock.seconds}
+
+
+def configure_ray_data(progress: bool, shuffle_strategy: str) -> None:
+    """The driver's Ray Data settings for the ingest; what Ray Data 2.60 costs on a small node is
+    measured in benchmarks/RESULTS.md, "Ingest"."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.shuffle_strategy = shuffle_strategy
 
 
 # --------------------------------------------------------------------------- per-block partials

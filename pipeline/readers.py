@@ -11,6 +11,7 @@ judge rows: a bad row passes through to validation, which counts and keeps it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class RawTables:
     users: pd.DataFrame
     has_impressions: bool  # False: negatives are sampled (e.g. Taobao)
     source: str
+    served_events: int = 0  # input rows that came from served-traffic logs (data.served_events)
 
 
 def _ray_data():
@@ -46,7 +48,7 @@ def read_parquet_files(paths: list[str], num_blocks: int) -> Any:
     ignores `override_num_blocks`; on 59 MiB of events that is one read task and one validation
     task for the whole input, and it also starts 32 FooterReader actors (processes) per listing.
     The v1 reader honours `override_num_blocks`, so the first passes run on every CPU
-    (benchmarks/RESULTS.md, "Ingest"; ../STACK.md)."""
+    (benchmarks/RESULTS.md, "Ingest")."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -237,10 +239,13 @@ def read_generic(root: str | Path, column_map: dict[str, str]) -> RawTables:
     maps canonical names to the input's column names (shared by the three files)."""
     root = Path(root)
     ev_path = _find(root, "events")
-    if ev_path is None:
-        raise FileNotFoundError(f"{root}: expected events.parquet or events.csv")
     inverse = {v: k for k, v in column_map.items()}
-    events = _read_any(ev_path).rename(columns=inverse)
+    if ev_path is None and any(root.glob(SEGMENT_GLOB)):  # a served-traffic event log alone
+        ev_path, events = root / SEGMENT_GLOB, served_as_canonical(read_event_segments(root))
+    elif ev_path is None:
+        raise FileNotFoundError(f"{root}: expected events.parquet, events.csv or event-log segments {SEGMENT_GLOB}")
+    else:
+        events = _read_any(ev_path).rename(columns=inverse)
     missing = [c for c in ("user_id", "item_id", "ts", "event") if c not in events]
     if missing:
         raise ValueError(
@@ -269,7 +274,57 @@ def read_generic(root: str | Path, column_map: dict[str, str]) -> RawTables:
     return _from_frames(_canonical_events(events), items, users, "parquet")
 
 
-def read_source(cfg: FunnelConfig) -> RawTables:
+# --------------------------------------------------------------------------- served traffic
+
+SEGMENT_GLOB = "events-*.parquet"  # serving.router.EventLog's segments
+
+
+def read_event_segments(folder: str | Path, missing_ok: bool = False) -> pd.DataFrame:
+    """Every segment of a served-traffic event log, in time order, with all its columns
+    (the canonical ones plus `arm` and `model_versions`); an empty frame for an empty folder."""
+    parts = sorted(Path(folder).glob(SEGMENT_GLOB))
+    if not parts:
+        if not Path(folder).is_dir() and not missing_ok:
+            raise FileNotFoundError(f"{folder}: no such event-log folder")
+        return pd.DataFrame(columns=[*EVENT_COLUMNS, "arm", "model_versions"])
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+
+def served_as_canonical(ev: pd.DataFrame) -> pd.DataFrame:
+    """Served rows → canonical events. The log's request ids are opaque strings (uuid hex); the
+    canonical request id is an int64, so each becomes a stable 62-bit hash (the same id, the same
+    number, in every run). Ids stay text; validation normalises them as for every source."""
+    out = pd.DataFrame({
+        "user_id": ev["user_id"].astype(str).to_numpy(dtype=object),
+        "item_id": ev["item_id"].astype(str).to_numpy(dtype=object),
+        "ts": ev["ts"],
+        "event": ev["event"].astype(str).to_numpy(dtype=object),
+        "request_id": (pd.util.hash_pandas_object(ev["request_id"].astype(str), index=False).to_numpy()
+                       & np.uint64(2**62 - 1)).astype(np.int64),
+        "position": pd.to_numeric(ev["position"], errors="coerce").fillna(-1).astype(np.int64),
+    })
+    return out[EVENT_COLUMNS]
+
+
+def _ids_as_text(batch: pd.DataFrame) -> pd.DataFrame:
+    out = batch.copy()
+    for c in ("user_id", "item_id"):
+        out[c] = out[c].astype(str).to_numpy(dtype=object)
+    return out
+
+
+def with_served_events(raw: RawTables, folders: list[str]) -> RawTables:
+    """The source's events followed by the served events of `folders` (one Ray Dataset); ids as
+    text on both sides so the two schemas agree. `input_counts["served_events"]` says how many
+    input rows came from the logs: they are counted, accepted or rejected like any other."""
+    served = pd.concat([served_as_canonical(read_event_segments(f)) for f in folders], ignore_index=True)
+    events = raw.events.map_batches(_ids_as_text, batch_format="pandas")
+    if len(served):
+        events = events.union(_ray_data().from_pandas(served))
+    return dataclasses.replace(raw, events=events, served_events=len(served))
+
+
+def _read_source(cfg: FunnelConfig) -> RawTables:
     src, path = cfg.data.source, cfg.data.input
     if src == "simulator":
         return read_simulator(cfg)
@@ -280,5 +335,13 @@ def read_source(cfg: FunnelConfig) -> RawTables:
     if src == "movielens1m":
         return _from_frames(*movielens1m_frames(path), source="movielens1m")
     if src == "taobao":
-        return read_taobao(path)
-    return read_generic(path, cfg.data.column_map)
+        raw = read_taobao(path)
+    else:
+        raw = read_generic(path, cfg.data.column_map)
+    return raw
+
+
+def read_source(cfg: FunnelConfig) -> RawTables:
+    """The configured source's tables, plus the served-traffic logs of `data.served_events`."""
+    raw = _read_source(cfg)
+    return with_served_events(raw, cfg.data.served_events) if cfg.data.served_events else raw

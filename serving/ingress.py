@@ -97,7 +97,7 @@ class Funnel:
                       for kind, cls in STAGES.items()}
         self.stages = stages
         self.default = next(iter(stages["ranker"]))
-        self.log = EventLog(args.serve.event_log)
+        self.log = EventLog(args.serve.event_log, args.serve.event_log_max_rows, args.serve.event_log_flush_s)
         self.served = ServedRequests(args.serve.served_requests)
         self.recent = RecentClicks()  # /feedback clicks: the fresh end of each user's history
         self.popular = self.store.item_ids(self.store.popular[:100])  # the popularity arm's slate
@@ -225,6 +225,12 @@ class Funnel:
             self.log.click(req.user_id, got.items[p], ts, req.request_id, p, got.arm, got.versions)
             self.recent.add(req.user_id, got.items[p], ts)
         return {"ok": True, "clicks": len(new), "duplicates": len(clicks) - len(new)}
+
+    def __del__(self) -> None:
+        """Serve's graceful replica shutdown: what the event log still holds goes to disk."""
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
 
     @api.post("/flush")
     def flush(self, authorization: str | None = Header(None)) -> dict[str, str]:

@@ -5,7 +5,8 @@
   The same user always lands in the same arm; changing the salt reshuffles everyone.
 - Event log: every exposure (one row per shown item, with its position) and every click,
   in the canonical events format of the ingest (`user_id, item_id, ts, event, request_id,
-  position`) plus `arm` — the ingest reads served traffic back as new training logs.
+  position`) plus `arm` and `model_versions`, written as fsync'd Parquet segments on size, on a
+  timer and at shutdown (`EventLog`) — the ingest reads served traffic back as new training logs.
 - Served requests: the ingress remembers what it served (user, arm, slate, model versions)
   per request id, bounded (LRU); `/feedback` is checked against it — a click on a request it
   never served is refused, the arm logged is the server's own, and a click repeated for the
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -53,38 +56,108 @@ class ArmRouter:
 
 
 class EventLog:
-    """Append-only, thread-safe; `flush()` writes one Parquet part per call under `folder`."""
+    """The served-traffic event log: thread-safe, append-only, durable up to a bounded window.
 
-    def __init__(self, folder: str | Path):
+    Rows collect in memory and are written as one Parquet segment per flush under `folder`:
+    when `max_rows` are waiting, every `max_age_s` (a timer thread), at `close()` (replica
+    shutdown) and on `/flush`. A segment is written to a hidden temporary file, fsync'd, renamed
+    into place and the folder fsync'd; only then are its rows dropped from memory, so a failed
+    write loses nothing (the rows stay for the next flush) and a crash loses at most the rows of
+    the last `max_age_s` (or `max_rows`). Segment names sort by time:
+    `events-<snapshot ms>-<log id>-<seq>.parquet`, the snapshot time being the moment its rows
+    were taken: every event appended before it is on disk once the segment is.
+    """
+
+    def __init__(self, folder: str | Path, max_rows: int = 20_000, max_age_s: float = 2.0):
+        if max_rows < 1 or max_age_s <= 0:
+            raise ValueError(f"event log: need max_rows >= 1 and max_age_s > 0, got {max_rows}, {max_age_s}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_rows, self.max_age_s = max_rows, max_age_s
+        self.id = uuid.uuid4().hex[:8]
         self._rows: list[dict] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the buffer
+        self._flush_lock = threading.Lock()  # one writer at a time, never holding the buffer's lock
+        self._seq = 0
+        self.written_rows = 0
+        self.failed_flushes = 0
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._tick, name="event-log-flush", daemon=True)
+        self._timer.start()
+
+    def _append(self, rows: list[dict]) -> None:
+        with self._lock:
+            self._rows += rows
+            full = len(self._rows) >= self.max_rows
+        if full:
+            self._flush_quietly()
 
     def exposures(self, user_id: str, item_ids: list[str], ts: int, request_id: str, arm: str,
                   versions: str = "") -> None:
         """One impression row per shown item; `versions` names the models that served the slate
         ("" for a non-model arm), e.g. "funnel-karma/3,funnel-lrea/2,funnel-cdnet/5"."""
-        with self._lock:
-            self._rows += [{"user_id": user_id, "item_id": i, "ts": ts, "event": "impression",
-                            "request_id": request_id, "position": p, "arm": arm, "model_versions": versions}
-                           for p, i in enumerate(item_ids)]
+        self._append([{"user_id": user_id, "item_id": i, "ts": ts, "event": "impression",
+                       "request_id": request_id, "position": p, "arm": arm, "model_versions": versions}
+                      for p, i in enumerate(item_ids)])
 
     def click(self, user_id: str, item_id: str, ts: int, request_id: str, position: int, arm: str,
               versions: str = "") -> None:
+        self._append([{"user_id": user_id, "item_id": item_id, "ts": ts, "event": "click",
+                       "request_id": request_id, "position": position, "arm": arm, "model_versions": versions}])
+
+    def pending(self) -> int:
         with self._lock:
-            self._rows.append({"user_id": user_id, "item_id": item_id, "ts": ts, "event": "click",
-                               "request_id": request_id, "position": position, "arm": arm,
-                               "model_versions": versions})
+            return len(self._rows)
 
     def flush(self) -> Path | None:
-        with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows:
-            return None
-        path = self.folder / f"events-{uuid.uuid4().hex[:12]}.parquet"
-        pd.DataFrame(rows, columns=EVENT_COLUMNS).to_parquet(path, index=False)
-        return path
+        """Writes what is waiting as one segment and returns its path (None: nothing waited).
+        Raises if the write fails; the rows are then still waiting."""
+        with self._flush_lock:
+            with self._lock:
+                rows = self._rows[:]
+                snapshot_ms = time.time_ns() // 1_000_000
+            if not rows:
+                return None
+            path = self.folder / f"events-{snapshot_ms:013d}-{self.id}-{self._seq:06d}.parquet"
+            tmp = self.folder / f".{path.name}.tmp"
+            try:
+                pd.DataFrame(rows, columns=EVENT_COLUMNS).to_parquet(tmp, index=False)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                _fsync_dir(self.folder)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self._seq += 1
+            with self._lock:
+                del self._rows[: len(rows)]  # appends since the snapshot stay, in order
+            self.written_rows += len(rows)
+            return path
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except Exception as e:  # the rows stay; the next flush retries
+            self.failed_flushes += 1
+            print(f"[serve] event log: flush to {self.folder} failed ({e}); {self.pending()} rows kept", flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.max_age_s):
+            self._flush_quietly()
+
+    def close(self) -> Path | None:
+        """Stops the timer and writes what is left (replica shutdown)."""
+        self._stop.set()
+        return self.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Served:
@@ -161,7 +234,7 @@ class RecentClicks:
 
 
 def read_events(folder: str | Path) -> pd.DataFrame:
-    parts = sorted(Path(folder).glob("events-*.parquet"))
-    if not parts:
-        return pd.DataFrame(columns=EVENT_COLUMNS)
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    """The event log's rows, all segments in time order (pipeline.readers reads the same for the ingest)."""
+    from pipeline.readers import read_event_segments
+
+    return read_event_segments(folder, missing_ok=True)

@@ -198,3 +198,41 @@ def test_movielens_100k_accounts_for_every_rating(ray_session, tiny_cfg, tmp_pat
 def test_ingest_cli_help():
     r = subprocess.run([sys.executable, "-m", "jobs.ingest", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--source" in r.stdout and "movielens" in r.stdout
+
+
+def test_served_events_reingest_with_exact_accounting(ray_session, tiny_cfg, tmp_path):
+    """The served log (serving.router.EventLog's segments) goes back in beside the source's events:
+    every served row is counted, accepted or rejected with its reason, and the accepted ones
+    become examples."""
+    from pipeline.readers import read_generic, with_served_events
+    from serving.router import EventLog
+
+    ev, items, users = simulate_local(tiny_cfg.world)
+    t_end = int(ev["ts"].max())
+    log_dir = tmp_path / "served"
+    log = EventLog(log_dir, max_rows=50, max_age_s=3600)  # several segments
+    rng = np.random.default_rng(0)
+    shown = 0
+    for r in range(40):
+        u = str(users["user_id"].iloc[r % len(users)])
+        slate = [str(i) for i in rng.choice(items["item_id"].to_numpy(), 5, replace=False)]
+        log.exposures(u, slate, t_end + 60 * (r + 1), f"req{r:04d}", "treatment", "funnel-cdnet/1")
+        log.click(u, slate[r % 5], t_end + 60 * (r + 1) + 5, f"req{r:04d}", r % 5, "treatment")
+        shown += 6
+    log.exposures(str(users["user_id"].iloc[0]), ["no-such-item"], t_end + 3000, "reqbad", "control")
+    log.close()
+    assert len(list(log_dir.glob("events-*.parquet"))) >= 4
+
+    out = tmp_path / "out"
+    raw = RawTables(ray_session.data.from_pandas([ev.iloc[k::2] for k in range(2)]), items, users, True, "simulator")
+    stats = run_ingest(_cfg(tiny_cfg, out, max_ts=t_end + 10 * 86_400), with_served_events(raw, [str(log_dir)]))
+    assert stats["input_rows"]["served_events"] == shown + 1
+    assert stats["input_rows"]["events"] == len(ev) + shown + 1
+    assert stats["accepted_events"] + stats["rejected_events"] == len(ev) + shown + 1
+    assert stats["rejects_by_reason"] == {"item_without_metadata": 1}
+    rank = pd.read_parquet(out / "ranking", columns=["ts", "label"])
+    served_rows = rank[rank["ts"] > t_end]
+    assert len(served_rows) == 40 * 5 and int(served_rows["label"].sum()) == 40  # each click pairs with its impression
+
+    alone = read_generic(log_dir, {})  # the event log read as a source of its own
+    assert alone.source == "parquet" and len(alone.events.to_pandas()) == shown + 1
