@@ -199,6 +199,9 @@ class ServeConfig:
     # the three stages in the ingress replica, awaited in-process (one machine: no handle hop, one
     # FeatureStore); false = one deployment per stage behind handles (a cluster: stages scale apart)
     colocate: bool = True
+    # the registry alias /retrieve, /prerank and /rank serve (/recommend serves each arm's own);
+    # "" = "champion" when an arm serves it, else the one alias the arms serve
+    alias: str = ""
     retriever: str = "karma"  # registered models of the funnel's stages (funnel-<name>)
     preranker: str = "lrea"
     ranker: str = "cdnet"

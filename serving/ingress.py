@@ -52,12 +52,25 @@ async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
 
 
 def arm_aliases(args: FunnelArgs) -> list[str]:
-    """The registry aliases the arms serve ("funnel@<alias>"), sorted; ["champion"] if none does."""
+    """The registry aliases the stages load, sorted: those the arms serve ("funnel@<alias>") and
+    `serve.alias`; ["champion"] if none is named."""
     variants, arms = args.abtest.variants, args.abtest.arms
     bad = [v for v in variants.values() if v != "popularity" and not v.startswith("funnel@")]
     if bad or set(variants) != set(arms):
         raise ValueError(f"abtest.variants must name every arm as 'popularity' or 'funnel@<alias>': {variants}")
-    return sorted({v.split("@", 1)[1] for v in variants.values() if v.startswith("funnel@")}) or ["champion"]
+    named = {v.split("@", 1)[1] for v in variants.values() if v.startswith("funnel@")}
+    return sorted(named | ({args.serve.alias} if args.serve.alias else set())) or ["champion"]
+
+
+def stage_alias(args: FunnelArgs) -> str:
+    """The alias /retrieve, /prerank and /rank serve: `serve.alias`, else "champion" when the
+    stages load it, else the single alias they load; several and none named is an error."""
+    loaded = arm_aliases(args)
+    if args.serve.alias:
+        return args.serve.alias
+    if "champion" in loaded or len(loaded) == 1:
+        return "champion" if "champion" in loaded else loaded[0]
+    raise ValueError(f"serve.alias: the arms serve {loaded}; name the one /retrieve, /prerank and /rank serve")
 
 
 def _versions(args: FunnelArgs, stages: dict[str, str]) -> str:
@@ -96,7 +109,7 @@ class Funnel:
             stages = {kind: {a: cls.func_or_class(args, a, store=self.store) for a in arm_aliases(args)}
                       for kind, cls in STAGES.items()}
         self.stages = stages
-        self.default = next(iter(stages["ranker"]))
+        self.default = stage_alias(args)  # what /retrieve, /prerank and /rank serve
         self.log = EventLog(args.serve.event_log, args.serve.event_log_max_rows, args.serve.event_log_flush_s)
         self.served = ServedRequests(args.serve.served_requests)
         self.recent = RecentClicks()  # /feedback clicks: the fresh end of each user's history
