@@ -65,6 +65,7 @@ from models.layers import (
     TransformerBlock,
     category_recency,
     masked_mean,
+    missing_age,
 )
 from models.spec import AGE_BUCKETS, FeatureSpec
 
@@ -167,8 +168,7 @@ class CDNet(RankingModel):
         fields = emb.fields
         if self.recency is not None:
             if emb.seq_age_idx is None:
-                raise KeyError("CDNet(category_recency=True) reads the behaviors' age but the batch has no "
-                               "hist_age_idx: build it with training.batches.RankingBatcher on rows with ts")
+                raise missing_age("CDNet(category_recency=True)")
             rec = category_recency(emb.seq_cat, emb.target_cat, emb.seq_age_idx, emb.seq_mask)
             fields = torch.cat([fields, self.recency(rec).unsqueeze(1)], 1)  # (B, F + 1, D)
         layout = {"core": 0, "distribution": 0, "context": fields.shape[1]}

@@ -116,7 +116,9 @@ class KARMA(nn.Module):
         self.register_buffer("titles", title_tokens.long())
         self.register_buffer("item_idx", (item_idx if item_idx is not None else torch.ones(n)).long())
         self.register_buffer("released", (released if released is not None else torch.full((n,), -1)).long())
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)
+        # optimiser steps taken: the warm-up and the λ_dec ramp run on it, so it is checkpointed
+        # (a resumed fit keeps its schedule)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.title_len = title_tokens.shape[1]
         # title vocabulary + 1 start-of-title token; given explicitly when reloading
         self.vocab = vocab or (int(title_tokens.max().item()) + 2 if title_tokens.numel() else 2)
@@ -143,6 +145,12 @@ class KARMA(nn.Module):
         self.start = nn.Parameter(torch.randn(h) * 0.02)
         self.to_hidden = nn.Linear(cfg.dim, h)
         self.user_proj = nn.Linear(h, cfg.dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "steps"
+        if key not in state_dict:  # saved before the step count was: a finished schedule
+            state_dict[key] = torch.tensor(self.cfg.warmup_steps + self.cfg.lam_dec_ramp_steps, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def in_warmup(self) -> bool:

@@ -140,11 +140,16 @@ class FieldEmbedding(nn.Module):
         age = None
         if self.age is not None:
             if "hist_age_idx" not in batch:
-                raise KeyError("this model reads the behaviors' age (behavior_age=True) but the batch has no "
-                               "hist_age_idx: build it with training.batches.RankingBatcher on rows with ts")
+                raise missing_age("this model (behavior_age=True)")
             age = self.age(batch["hist_age_idx"])
         return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"], age,
                         batch.get("hist_age_idx"))
+
+
+def missing_age(who: str) -> KeyError:
+    """The one error of a model that reads the behaviors' age from a batch without it."""
+    return KeyError(f"{who} reads the behaviors' age but the batch has no hist_age_idx: build it with "
+                    "training.batches.RankingBatcher on rows with ts")
 
 
 def category_recency(seq_cat: Tensor, target_cat: Tensor, seq_age_idx: Tensor, mask: Tensor) -> Tensor:

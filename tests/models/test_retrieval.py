@@ -397,3 +397,22 @@ def test_two_tower_round_trips_through_the_model_folder(tmp_path):
     with torch.no_grad():
         assert torch.allclose(m.encode_items(full), m.encode_item_table(items), atol=1e-6)
 
+
+
+def test_karma_step_count_is_checkpointed_so_a_resumed_fit_keeps_its_schedule(titles):
+    """The warm-up and the λ_dec ramp run on the optimiser-step count: a checkpoint carries it, and
+    a checkpoint saved before it was carried loads as a finished schedule (a served model)."""
+    m = karma(titles, warmup_steps=3, lam_dec_ramp_steps=4)
+    b = karma_batch()
+    for _ in range(5):
+        total_loss(loss_terms(m(b)), m.loss_weights()).backward()
+    sd = m.state_dict()
+    assert int(sd["steps"]) == 5
+    resumed = karma(titles, warmup_steps=3, lam_dec_ramp_steps=4)
+    resumed.load_state_dict(sd)
+    assert int(resumed.steps) == 5 and resumed.loss_weights() == m.loss_weights()
+    old = {k: v for k, v in sd.items() if k != "steps"}
+    legacy = karma(titles, warmup_steps=3, lam_dec_ramp_steps=4)
+    legacy.load_state_dict(old)
+    assert not legacy.in_warmup and legacy.loss_weights() == karma(
+        titles, warmup_steps=0, lam_dec_ramp_steps=0).loss_weights()
