@@ -36,10 +36,20 @@ class DCNv2(RankingModel):
         self.deep = MLP(d0, cfg.hidden, None, cfg.dropout)
         self.head = nn.Linear(d0 + self.deep.d_out, 1)
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        """With the mean slot (sequence="mean") the behaviors are pooled at lookup
+        (`FieldEmbedding(pooled_only=True)`); `embed` still returns them whole for wrappers
+        that reweight them (AdaF2M2)."""
+        return self.interact(self.embedding(batch, pooled_only=self.attention is None))
+
     def interact(self, emb: Embedded) -> ModelOutput:
         """fields (B, F, D), behaviors (B, L, Db) → logits (B,); x0 = fields ⊕ pooled behaviors (B, F·D + Db)."""
-        pooled = (self.attention(emb.target(), emb.seq, emb.seq_mask) if self.attention is not None
-                  else masked_mean(emb.seq, emb.seq_mask))
+        if emb.pooled is not None:
+            pooled = emb.pooled
+        elif self.attention is not None:
+            pooled = self.attention(emb.target(), emb.seq, emb.seq_mask)
+        else:
+            pooled = masked_mean(emb.seq, emb.seq_mask)
         x0 = torch.cat([emb.fields.flatten(1), pooled], -1)  # (B, F·D + Db)
         x = x0
         for layer in self.cross:

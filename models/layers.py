@@ -43,13 +43,16 @@ class Embedded:
     """
 
     fields: Tensor
-    seq: Tensor
-    seq_mask: Tensor
+    seq: Tensor | None  # None when pooled at lookup (see `pooled`)
+    seq_mask: Tensor | None
     target_index: tuple[int, ...]  # positions of item_idx, cat_idx, brand_idx in `fields`
     seq_cat: Tensor | None = None  # (B, L) the behaviors' category ids (search keys, e.g. SIM)
     target_cat: Tensor | None = None  # (B,) the target's category id
     seq_age: Tensor | None = None  # (B, L, Db) the behaviors' age embeddings (FieldEmbedding behavior_age)
     seq_age_idx: Tensor | None = None  # (B, L) the behaviors' age buckets, as the batch has them (hist_age_idx)
+    # (B, Db) the behaviors' masked mean, when it was pooled at lookup (`FieldEmbedding(pooled_only=True)`,
+    # then `seq` is None): what a model that only reads the mean needs, without the (B, L, Db) tensor
+    pooled: Tensor | None = None
 
     def target(self) -> Tensor:
         """(B, Db): the target item as item ⊕ category ⊕ brand field embeddings."""
@@ -130,10 +133,23 @@ class FieldEmbedding(nn.Module):
             x = torch.where(drop, torch.ones_like(x), x)
         return x
 
-    def forward(self, batch: dict[str, Tensor]) -> Embedded:
+    def forward(self, batch: dict[str, Tensor], pooled_only: bool = False) -> Embedded:
+        """`pooled_only`: the behaviors come back as their masked mean only (`Embedded.pooled`,
+        `seq` None), summed inside one `embedding_bag` per field with the positions' validity as
+        per-sample weights: no (B, L, Db) lookup, concat or product, forward or backward, and
+        equal to `masked_mean(seq, seq_mask)` (padding is masked by position, whatever it holds)."""
         cats = [self.tables[n](self.ids(n, batch)) for n in self.spec.categorical]  # F_cat × (B, D)
         num = self.numeric(batch).unsqueeze(-1) * self.num_w + self.num_b  # (B, n_num, D)
         fields = torch.cat([torch.stack(cats, dim=1), num], dim=1)  # (B, F, D)
+        if pooled_only and self.age is None:
+            L = batch[SEQ_FIELDS[0]].shape[1]
+            valid = (torch.arange(L, device=fields.device)[None, :]
+                     >= (L - batch["hist_len"].clamp(max=L))[:, None]).to(fields.dtype)  # (B, L), as seq_mask
+            n = valid.sum(-1, keepdim=True).clamp_min(1.0)  # (B, 1)
+            pooled = torch.cat([F.embedding_bag(batch[s], self.tables[f].weight, mode="sum", per_sample_weights=valid)
+                                for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1) / n  # (B, Db)
+            return Embedded(fields, None, None, self.target_index, batch["hist_cat_idx"], batch["cat_idx"],
+                            pooled=pooled)
         seq = torch.cat([self.tables[f](batch[s]) for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1)  # (B, L, Db)
         L = seq.shape[1]
         seq_mask = torch.arange(L, device=seq.device)[None, :] >= (L - batch["hist_len"].clamp(max=L))[:, None]

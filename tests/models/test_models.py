@@ -310,3 +310,23 @@ def test_core_behaviors_without_a_backward_pass_give_the_forward_values_of_the_s
         fast, sel_fast = core_behaviors(seq, mask, sim, 0.3, 0.5)
     slow, sel_slow = core_behaviors(seq.clone().requires_grad_(True), mask, sim, 0.3, 0.5)
     assert torch.equal(sel_fast, sel_slow) and torch.allclose(fast, slow.detach(), atol=1e-6)  # ste = hard + soft − sg(soft): hard up to rounding
+
+
+def test_dcnv2_pools_behaviors_at_lookup_with_the_masked_mean_s_values(spec, batch):
+    """DCNv2's mean slot sums each behavior field inside one embedding_bag (no (B, L, Db) tensor):
+    the same logits and gradients as the masked mean over the whole behavior tensor."""
+    from models.layers import masked_mean
+
+    m = build("dcnv2", spec).train()
+    emb = m.embedding(batch, pooled_only=True)
+    assert emb.seq is None and emb.pooled is not None
+    full = m.embed(batch)
+    assert full.seq is not None and torch.allclose(emb.pooled, masked_mean(full.seq, full.seq_mask), atol=1e-6)
+    torch.manual_seed(1)
+    fast = m(batch).logits
+    torch.manual_seed(1)
+    slow = m.interact(m.embed(batch)).logits  # the masked-mean path
+    assert torch.allclose(fast, slow, atol=1e-6)
+    g_fast = torch.autograd.grad(fast.sum(), m.embedding.tables["item_idx"].weight)[0]
+    g_slow = torch.autograd.grad(slow.sum(), m.embedding.tables["item_idx"].weight)[0]
+    assert torch.allclose(g_fast, g_slow, atol=1e-6)
