@@ -156,7 +156,9 @@ class Funnel:
     def healthz(self, authorization: str | None = Header(None)) -> dict[str, Any]:
         self._auth(authorization)
         return {"ok": True, "arms": self.args.abtest.arms, "variants": self.args.abtest.variants,
-                "colocated": self.local}
+                "colocated": self.local, "stage_alias": self.default,
+                "event_log": {"pending_rows": self.log.pending(), "written_rows": self.log.written_rows,
+                              "failed_flushes": self.log.failed_flushes}}
 
     @api.post("/retrieve")
     async def retrieve(self, req: RetrieveRequest, authorization: str | None = Header(None)) -> Items:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -14,10 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (Serve, an MLflow server) for one test module."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 (Serve, an MLflow server) for one test module, drawn from
+    20000-29999: outside the kernel's ephemeral range (32768-60999 by default), where every
+    outgoing connection takes its local port, so that a port free now is not taken by one of Ray's
+    many connections before Serve binds it (a fresh-clone run failed so: "Failed to bind to address
+    127.0.0.1:45959"); also outside Ray's worker ports (10002-19999) and Serve's direct-ingress ports
+    (from 30000)."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(20_000, 30_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999 on 127.0.0.1")
 
 
 @pytest.fixture(scope="session")

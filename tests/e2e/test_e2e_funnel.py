@@ -117,7 +117,9 @@ def test_endpoints_compose_and_route(served, tiny_processed, auth, e2e_run):
     r = requests.post(f"{e2e_run['proxy_url']}/retrieve", json={"user_id": _users(tiny_processed)[0], "n": 5},
                       timeout=60)
     assert r.status_code == 200 and len(r.json()["items"]) >= 5, r.text
-    assert requests.get(f"{url}/healthz", timeout=60).json()["colocated"] is True
+    health = requests.get(f"{url}/healthz", timeout=60).json()
+    assert health["colocated"] is True and health["event_log"]["failed_flushes"] == 0
+    assert health["stage_alias"] == "challenger"  # the tiny config's arms: popularity vs funnel@challenger
 
     items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()
     r = requests.post(f"{url}/retrieve", json={"user_id": _users(tiny_processed)[0], "n": 30}, timeout=60)
@@ -441,8 +443,10 @@ def test_killing_the_ingress_replica_loses_no_flushed_event(served, tiny_process
     import threading
     import time
 
+    import pandas as pd
     import ray
 
+    from configs import load_config
     from pipeline.readers import read_event_segments
 
     url, log_dir = served
@@ -483,7 +487,7 @@ def test_killing_the_ingress_replica_loses_no_flushed_event(served, tiny_process
     ev = read_event_segments(log_dir)
     on_disk = ev[ev["request_id"].isin(before_kill)].groupby("request_id").size()
     # the killed replica's segments: those holding this test's requests
-    ours = [p for p in segments if read_event_segments_file(p)["request_id"].isin(before_kill).any()]
+    ours = [p for p in segments if pd.read_parquet(p, columns=["request_id"])["request_id"].isin(before_kill).any()]
     last_snapshot = max(int(p.name.split("-")[1]) for p in ours) / 1000.0
     due = {rid: n for rid, (at, n) in before_kill.items() if at < last_snapshot}
     lost = [rid for rid, n in due.items() if on_disk.get(rid, 0) != n]
@@ -492,16 +496,4 @@ def test_killing_the_ingress_replica_loses_no_flushed_event(served, tiny_process
           f"{errors[0]} failed; {len(due)} acknowledged before the last flush, {len(lost)} of them lost; "
           f"{window} acknowledged in the unflushed window ({killed_at - last_snapshot:.2f} s)")
     assert due and not lost
-    assert killed_at - last_snapshot <= e2e_run_flush_s(e2e_run) + 1.0
-
-
-def read_event_segments_file(path):
-    import pandas as pd
-
-    return pd.read_parquet(path, columns=["request_id"])
-
-
-def e2e_run_flush_s(e2e_run) -> float:
-    from configs import load_config
-
-    return load_config(e2e_run["args"][1]).serve.event_log_flush_s
+    assert killed_at - last_snapshot <= load_config(e2e_run["args"][1]).serve.event_log_flush_s + 1.0
