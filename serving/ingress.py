@@ -163,9 +163,12 @@ class Funnel:
     @api.post("/retrieve")
     async def retrieve(self, req: RetrieveRequest, authorization: str | None = Header(None)) -> Items:
         self._auth(authorization)
-        u, hist, _ = self._user(req, self._ts(None))
+        ts = self._ts(req.ts)
+        u, hist, _ = self._user(req, ts)
         res, v = await self._call("retriever", self.default, "retrieve_keys", u, hist, req.n)
-        return Items(items=self.store.item_ids(res.keys), scores=res.scores.tolist(), model_version=v)
+        released = self.store.first_seen[res.keys] <= ts  # an item not yet released is not a candidate
+        return Items(items=self.store.item_ids(res.keys[released]), scores=res.scores[released].tolist(),
+                     model_version=v)
 
     @api.post("/prerank")
     async def prerank(self, req: PrerankRequest, authorization: str | None = Header(None)) -> Items:

@@ -24,6 +24,7 @@ class RetrieveRequest(_Strict):
     user_id: Id
     history: list[Id] | None = Field(None, min_length=1, max_length=MAX_HISTORY)
     n: int = Field(500, ge=1, le=MAX_CANDIDATES)
+    ts: int | None = Field(None, ge=0, le=MAX_TS)  # the request time (now if absent): unreleased items are dropped
 
 
 class PrerankRequest(_Strict):

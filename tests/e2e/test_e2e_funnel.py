@@ -126,6 +126,11 @@ def test_endpoints_compose_and_route(served, tiny_processed, auth, e2e_run):
     assert r.status_code == 200, r.text
     got = r.json()["items"]
     assert len(got) >= 30 and set(got) <= set(items) and r.json()["model_version"]
+    cat = pd.read_parquet(tiny_processed / "items.parquet").astype({"item_id": str}).set_index("item_id")
+    mid = int(cat.loc[cat["first_seen_ts"] > 0, "first_seen_ts"].median())  # half the catalogue is not out yet
+    r = requests.post(f"{url}/retrieve", json={"user_id": _users(tiny_processed)[0], "n": 200, "ts": mid}, timeout=60)
+    early = r.json()["items"]
+    assert r.status_code == 200 and early and (cat.loc[early, "first_seen_ts"] <= mid).all()
     r = requests.post(f"{url}/prerank", json={"user_id": "u-unknown", "candidates": items[:50], "m": 10}, timeout=60)
     assert r.status_code == 200 and len(r.json()["items"]) == 10  # an unknown user takes the cold-start path
     r = requests.post(f"{url}/rank", json={"user_id": _users(tiny_processed)[1], "candidates": [*items[:40], "new-item"],
