@@ -101,6 +101,7 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
                disable=not sys.stderr.isatty())
 
     sent: list[int] = []  # one entry per request (list.append is atomic across threads)
+    served: list[str] = []  # the request ids this A/B was served: its rows of the event log
 
     def one(user: str, ts: int, click_rng: np.random.Generator) -> int:
         r = http.post(f"{url}/recommend", json={"user_id": user, "k": ab.slate_size, "ts": ts}, timeout=120)
@@ -110,6 +111,7 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
             errors.append(f"{r.status_code} {r.text[:200]}")
             return 0
         rec = r.json()
+        served.append(rec["request_id"])
         items = np.array([int(i) for i in rec["items"]])
         pos = np.arange(len(items))
         clicked = world.sample_clicks(np.full(len(items), int(user)), items, pos, np.full(len(items), ts), click_rng)
@@ -131,7 +133,7 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(sent)} A/B requests failed; first: {errors[0]}")
     http.post(f"{url}/flush", headers=auth, timeout=120).raise_for_status()
-    return {"requests": len(sent), "clicks": clicks, "users": len(chosen)}
+    return {"requests": len(sent), "clicks": clicks, "users": len(chosen), "request_ids": served}
 
 
 def served_versions(events, arm: str) -> dict[str, Any]:
@@ -155,12 +157,12 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
     from training.registry import setup_tracking
 
     log_dir = Path(cfg.serve.event_log)
-    for old in log_dir.glob("events-*.parquet"):  # this test's log only
-        old.unlink()
     url = url or deploy(cfg, data_dir)
     t0 = time.time()
     sent = simulate(cfg, url)
+    # this test's rows only; the log keeps every earlier one (served traffic is training data)
     events = read_events(log_dir)
+    events = events[events["request_id"].isin(set(sent.pop("request_ids")))].reset_index(drop=True)
     arms = list(cfg.abtest.arms)
     control = next((a for a in arms if cfg.abtest.variants.get(a) == "popularity"), arms[0])
     treatment = next(a for a in arms if a != control)
