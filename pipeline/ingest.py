@@ -158,9 +158,14 @@ def _keyed(df: pd.DataFrame, item_index: pd.Index, user_index: pd.Index, buckets
     return out
 
 
+def _examples_mask(df: pd.DataFrame) -> np.ndarray:
+    """The user pass's rows that become examples: exposures, duplicates dropped."""
+    return df["is_exposure"].to_numpy().astype(bool) & ~df["dup"].to_numpy().astype(bool)
+
+
 def _split_and_bucket(df: pd.DataFrame, t_val: int, t_test: int, buckets: int) -> pd.DataFrame:
     df = numpy_frame(df)
-    out = df[df["is_exposure"] & ~df["dup"]].copy()
+    out = df[_examples_mask(df)].copy()
     out["split"] = assign_split(out["ts"].to_numpy(), t_val, t_test)
     out["ibucket"] = out["item_key"] % buckets
     return out
@@ -199,13 +204,13 @@ def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: R
     p1 = annotate_user_events(keyed, ctx)
     clock.mark("user pass")
     dups = _dup_rejects(p1)
+    us = combine_user_pass([user_pass_stats(p1, t_val, t_test)])  # the statistics the Ray path combines
     exp = _split_and_bucket(p1, t_val, t_test, 1)
-    prior = float(exp.loc[exp["split"] == "train", "label"].mean()) if (exp["split"] == "train").any() else DEFAULT_PRIOR
     p2 = item_counters(exp)
     clock.mark("item pass")
     ft = FeatureTables.from_catalog(cat)
     d = cfg.data
-    fin = finalize(p2, ft, PastPrior.from_counts(daily_counts(exp)), d.ctr_prior_strength, d.long_len, d.short_len, d.max_hard_negatives)
+    fin = finalize(p2, ft, us["past_prior"], d.ctr_prior_strength, d.long_len, d.short_len, d.max_hard_negatives)
     fin = fin.sort_values(["ts", "user_key", "item_key", "request_id"], kind="stable").reset_index(drop=True)
     clock.mark("finalize")
     ranking_rows(fin, d.max_hard_negatives).to_parquet(out / "ranking", partition_cols=["split"], index=False)
@@ -216,10 +221,9 @@ def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: R
     clock.mark("write outputs")
     all_rejects = pd.concat([rejected, dups], ignore_index=True)
     all_rejects.to_parquet(out / "rejects" / "events.parquet", index=False)
-    summary = combine_summary(partial_summary(fin)) | {
-        "users": int(fin["user_key"].nunique()), "items": int(fin["item_key"].nunique())}
+    summary, moments = combine_output_stats([output_stats(fin)])
     stats = write_meta(out, plan, cat, summary, all_rejects["reason"].value_counts(), len(raw_events),
-                       len(acc) - len(dups), t_val, t_test, prior, combine_moments(numeric_moments(fin)))
+                       len(acc) - len(dups), t_val, t_test, us["prior"], moments)
     clock.mark("output stats")
     return stats | {"stage_seconds": clock.seconds}
 
@@ -393,10 +397,9 @@ def user_pass_stats(df: pd.DataFrame, t_val: int, t_test: int) -> dict[str, Any]
     """Duplicates, the daily counts behind the past-only prior, and the train CTR of one block of
     the user pass's output (its exposures: what `_split_and_bucket` keeps)."""
     df = numpy_frame(df)
-    dup = df["dup"].to_numpy().astype(bool)
-    exp = df[df["is_exposure"].to_numpy().astype(bool) & ~dup]
+    exp = df[_examples_mask(df)]
     train = assign_split(exp["ts"].to_numpy(), t_val, t_test) == "train"
-    return {"duplicates": int(dup.sum()), "daily": daily_counts(exp),
+    return {"duplicates": int(df["dup"].to_numpy().astype(bool).sum()), "daily": daily_counts(exp),
             "train_rows": int(train.sum()), "train_clicks": int(exp["label"].to_numpy()[train].sum())}
 
 
