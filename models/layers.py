@@ -143,8 +143,7 @@ class FieldEmbedding(nn.Module):
         fields = torch.cat([torch.stack(cats, dim=1), num], dim=1)  # (B, F, D)
         if pooled_only and self.age is None:
             L = batch[SEQ_FIELDS[0]].shape[1]
-            valid = (torch.arange(L, device=fields.device)[None, :]
-                     >= (L - batch["hist_len"].clamp(max=L))[:, None]).to(fields.dtype)  # (B, L), as seq_mask
+            valid = history_mask(batch["hist_len"], L).to(fields.dtype)  # (B, L)
             n = valid.sum(-1, keepdim=True).clamp_min(1.0)  # (B, 1)
             pooled = torch.cat([F.embedding_bag(batch[s], self.tables[f].weight, mode="sum", per_sample_weights=valid)
                                 for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1) / n  # (B, Db)
@@ -152,7 +151,7 @@ class FieldEmbedding(nn.Module):
                             pooled=pooled)
         seq = torch.cat([self.tables[f](batch[s]) for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1)  # (B, L, Db)
         L = seq.shape[1]
-        seq_mask = torch.arange(L, device=seq.device)[None, :] >= (L - batch["hist_len"].clamp(max=L))[:, None]
+        seq_mask = history_mask(batch["hist_len"], L)
         age = None
         if self.age is not None:
             if "hist_age_idx" not in batch:
@@ -160,6 +159,11 @@ class FieldEmbedding(nn.Module):
             age = self.age(batch["hist_age_idx"])
         return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"], age,
                         batch.get("hist_age_idx"))
+
+
+def history_mask(hist_len: Tensor, L: int) -> Tensor:
+    """(B,) lengths → (B, L) True at the valid positions of a left-padded history (most recent last)."""
+    return torch.arange(L, device=hist_len.device)[None, :] >= (L - hist_len.clamp(max=L))[:, None]
 
 
 def missing_age(who: str) -> KeyError:
