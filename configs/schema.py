@@ -223,6 +223,12 @@ class ServeConfig:
     token_file: str = "runs/serve_token"
     auth_all: bool = False
     served_requests: int = 100_000  # request ids the ingress remembers for /feedback (LRU; ~1 KB each)
+    # the online feature state (pipeline/state.py) and the served-request registry: "local" = each
+    # replica its own (one ingress replica, the default); "actor" = one named Ray actor every ingress
+    # and stage replica reads and updates (several replicas: serving/state_store.py)
+    state_backend: Literal["local", "actor"] = "local"
+    state_actor: str = "funnel-state"  # the actor's name (namespace "funnel") with state_backend "actor"
+    ingress_replicas: int = 1  # more than 1 needs state_backend "actor" (a click must find its slate)
 
 
 @dataclass

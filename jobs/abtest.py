@@ -68,22 +68,25 @@ def served_url(cfg: FunnelConfig, via: str = "direct") -> str:
     return f"http://{cfg.serve.host}:{ports[0]}" if ports else proxy
 
 
-def schedule(world, n: int, rng: np.random.Generator) -> np.ndarray:
+def schedule(world, n: int, rng: np.random.Generator, horizon: tuple[int, int] | None = None) -> np.ndarray:
     """(n,) request times of one user, sorted: sessions as in the logs (pipeline/simulator.py) —
-    a uniform start in the A/B horizon, 1 + Poisson(requests_per_session) requests, gaps of
-    Exp(60 s) + 5 s — until n requests; all inside the horizon."""
+    a uniform start in the A/B horizon (default the world's, right after the log; jobs.loop moves it
+    on each round), 1 + Poisson(requests_per_session) requests, gaps of Exp(60 s) + 5 s — until n
+    requests; all inside the horizon."""
+    start, end = horizon or (world.log_end_ts, world.ab_end_ts)
     sizes = 1 + rng.poisson(world.cfg.requests_per_session, size=n)
     sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), n)) + 1]
     sizes[-1] -= int(sizes.sum()) - n
-    starts = np.repeat(rng.integers(world.log_end_ts, world.ab_end_ts - 3600, size=len(sizes)), sizes)
+    starts = np.repeat(rng.integers(start, end - 3600, size=len(sizes)), sizes)
     gaps = rng.exponential(60.0, size=n).astype(np.int64) + 5
     cs = np.cumsum(gaps)
     within = cs - cs[np.repeat(np.cumsum(sizes) - sizes, sizes)]  # seconds since the session's first request
     return np.sort(starts + within)
 
 
-def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
-    """Drive the world's users against `url`; returns how many requests/clicks were sent."""
+def simulate(cfg: FunnelConfig, url: str, horizon: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Drive the world's users against `url` inside `horizon` (`schedule`); returns how many
+    requests/clicks were sent."""
     from pipeline.world import get_world
     from serving.guard import read_token
 
@@ -94,7 +97,7 @@ def simulate(cfg: FunnelConfig, url: str) -> dict[str, Any]:
     users = world.users_table()
     known = users[users["registered_ts"] < world.log_end_ts]["user_id"].to_numpy()
     chosen = rng.choice(known, size=min(ab.num_users, len(known)), replace=False)
-    jobs = [(str(u), schedule(world, ab.requests_per_user, rng), int(rng.integers(0, 2**31))) for u in chosen]
+    jobs = [(str(u), schedule(world, ab.requests_per_user, rng, horizon), int(rng.integers(0, 2**31))) for u in chosen]
     http = requests.Session()
     errors: list[str] = []
     bar = tqdm(total=len(chosen) * ab.requests_per_user, desc="A/B requests", unit="req",
@@ -149,7 +152,10 @@ def served_versions(events, arm: str) -> dict[str, Any]:
     return {"treatment_version_sets": sets, "treatment_versions": one}
 
 
-def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None = None,
+               horizon: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The A/B (`simulate` inside `horizon`), its analysis, report and MLflow run; `res["request_ids"]`
+    names this test's rows of the event log."""
     import mlflow
 
     from serving.abtest import analyse, plot, pre_period_ctr, report_markdown
@@ -159,10 +165,11 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
     log_dir = Path(cfg.serve.event_log)
     url = url or deploy(cfg, data_dir)
     t0 = time.time()
-    sent = simulate(cfg, url)
+    sent = simulate(cfg, url, horizon)
     # this test's rows only; the log keeps every earlier one (served traffic is training data)
+    request_ids = sent.pop("request_ids")
     events = read_events(log_dir)
-    events = events[events["request_id"].isin(set(sent.pop("request_ids")))].reset_index(drop=True)
+    events = events[events["request_id"].isin(set(request_ids))].reset_index(drop=True)
     arms = list(cfg.abtest.arms)
     control = next((a for a in arms if cfg.abtest.variants.get(a) == "popularity"), arms[0])
     treatment = next(a for a in arms if a != control)
@@ -194,7 +201,7 @@ def run_abtest(cfg: FunnelConfig, url: str | None = None, data_dir: str | None =
     (out / "last.json").write_text(json.dumps(res, indent=2, default=str))
     (out / "last.md").write_text(md)
     print(md, flush=True)
-    return res
+    return res | {"request_ids": request_ids}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,14 +42,14 @@ def _funnel_models(cfg: FunnelConfig) -> list[str]:
     return [cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker]
 
 
-def stage_train(cfg: FunnelConfig) -> dict:
+def stage_train(cfg: FunnelConfig, models: list[str] | None = None) -> dict:
     """The funnel's three models, `train.parallel_models` at a time, each fit a Ray Train run
     launched from a Ray task. Side by side they overlap each other's fixed costs (worker
     start-up, data, evaluation); compute itself does not scale on the 2-vCPU VM (7:45 vs 8:05
     one after another, benchmarks/RESULTS.md)."""
     from jobs.train import train_and_register
 
-    models = _funnel_models(cfg)
+    models = models or _funnel_models(cfg)
     lanes = min(cfg.train.parallel_models, len(models))
     if lanes <= 1:
         out = {}

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.examples import PastPrior, numpy_frame, smoothed_ctr
+from pipeline.examples import PastPrior, numpy_frame
+from pipeline.features import COUNTERS, ranking_features
 from pipeline.vocab import Vocab, encode_titles, tokenize
 
 ITEM_FIELDS = ("item_idx", "cat_idx", "brand_idx")
@@ -123,22 +124,43 @@ class FeatureTables:
 
     @classmethod
     def from_catalog(cls, cat: Catalog) -> FeatureTables:
+        tt = np.zeros((len(cat.items) + 1, cat.title_len), dtype=np.int32)
+        tt[cat.items["item_key"].to_numpy()] = np.stack(cat.items["title_tokens"].to_numpy()) if len(cat.items) else 0
+        return cls.from_frames(cat.items, cat.users, cat.profile_fields, tt)
+
+    @classmethod
+    def from_frames(cls, items: pd.DataFrame, users: pd.DataFrame, profile_fields: list[str],
+                    title_tokens: np.ndarray | None = None) -> FeatureTables:
+        """From the catalogue frames (as the ingest writes items.parquet and users.parquet)."""
         def by_key(frame: pd.DataFrame, key: str, col: str, dtype=np.int32) -> np.ndarray:
-            out = np.zeros(len(frame) + 1, dtype=dtype)
+            out = np.zeros(int(frame[key].max()) + 1 if len(frame) else 1, dtype=dtype)
             out[frame[key].to_numpy()] = frame[col].to_numpy()
             return out
 
-        tt = np.zeros((len(cat.items) + 1, cat.title_len), dtype=np.int32)
-        tt[cat.items["item_key"].to_numpy()] = np.stack(cat.items["title_tokens"].to_numpy()) if len(cat.items) else 0
+        if title_tokens is None:
+            title_tokens = np.zeros((int(items["item_key"].max()) + 1, 0), dtype=np.int32)
         return cls(
-            item_idx=by_key(cat.items, "item_key", "item_idx"),
-            cat_idx=by_key(cat.items, "item_key", "cat_idx"),
-            brand_idx=by_key(cat.items, "item_key", "brand_idx"),
-            first_seen=by_key(cat.items, "item_key", "first_seen_ts", np.int64),
-            title_tokens=tt,
-            user_idx=by_key(cat.users, "user_key", "user_idx"),
-            profile={f: by_key(cat.users, "user_key", f) for f in cat.profile_fields},
+            item_idx=by_key(items, "item_key", "item_idx"),
+            cat_idx=by_key(items, "item_key", "cat_idx"),
+            brand_idx=by_key(items, "item_key", "brand_idx"),
+            first_seen=by_key(items, "item_key", "first_seen_ts", np.int64),
+            title_tokens=title_tokens,
+            user_idx=by_key(users, "user_key", "user_idx"),
+            profile={f: by_key(users, "user_key", f) for f in profile_fields},
         )
+
+    def serving(self) -> FeatureTables:
+        """The tables for keys the log may not have: key 0 (an unknown user or item at serving time; the
+        ingest never writes it) reads as OOV (1) in every id table and as an unknown release time."""
+        def oov(a: np.ndarray) -> np.ndarray:
+            a = a.copy()
+            a[0] = 1
+            return a
+
+        fs = self.first_seen.copy()
+        fs[0] = -1
+        return FeatureTables(oov(self.item_idx), oov(self.cat_idx), oov(self.brand_idx), fs, self.title_tokens,
+                             oov(self.user_idx), {f: oov(v) for f, v in self.profile.items()})
 
 
 RANKING_COLUMNS = [
@@ -151,41 +173,25 @@ RANKING_COLUMNS = [
 
 def finalize(df: pd.DataFrame, ft: FeatureTables, prior: PastPrior, strength: float, long_len: int, short_len: int,
              n_hard: int) -> pd.DataFrame:
-    """Exposure rows with counters → the ranking-example schema (vocab ids, context, rates). The
-    CTRs are smoothed towards the past-only prior of each row's day (`PastPrior`)."""
+    """Exposure rows with counters → the ranking-example schema: the features of
+    `pipeline.features.ranking_features` (the definition serving calls too), the CTRs smoothed towards
+    the past-only prior of each row's day (`PastPrior`), plus the label and the bookkeeping columns."""
     df = numpy_frame(df)
-    ik, uk, ts = df["item_key"].to_numpy(), df["user_key"].to_numpy(), df["ts"].to_numpy()
-    pos = df["position"].to_numpy()
+    ts = df["ts"].to_numpy().astype(np.int64)
+    feats = ranking_features(df["user_key"].to_numpy(), df["item_key"].to_numpy(), ts, df["position"].to_numpy(),
+                             {c: df[c].to_numpy() for c in COUNTERS}, prior.at(ts), ft, strength, long_len, short_len)
     out = pd.DataFrame(
         {
             "label": df["label"].to_numpy().astype(np.int8),
-            "ts": ts.astype(np.int64),
+            "ts": ts,
             "request_id": df["request_id"].to_numpy().astype(np.int64),
-            "user_key": uk.astype(np.int64),
-            "item_key": ik.astype(np.int64),
-            "user_idx": ft.user_idx[uk],
-            "item_idx": ft.item_idx[ik],
-            "cat_idx": ft.cat_idx[ik],
-            "brand_idx": ft.brand_idx[ik],
-            "position": np.where(pos >= 0, pos + 1, 0).astype(np.int32),
-            "hour": ((ts // 3600) % 24).astype(np.int32),
-            "dow": ((ts // 86_400 + 3) % 7).astype(np.int32),
-            "hist_end": df["hist_end"].to_numpy().astype(np.int64),
-            "seq_len_long": np.minimum(df["hist_end"].to_numpy(), long_len).astype(np.int32),
-            "seq_len_short": np.minimum(df["hist_end"].to_numpy(), short_len).astype(np.int32),
+            "user_key": df["user_key"].to_numpy().astype(np.int64),
+            "item_key": df["item_key"].to_numpy().astype(np.int64),
+            **{c: v for c, v in feats.items() if c not in ft.profile},
+            "is_sampled_negative": (df["event"].to_numpy() == "sampled_negative").astype(np.int8),
+            **{c: feats[c] for c in ft.profile},
         }
     )
-    for c in ("user_active_days_7", "user_active_days_30", "user_exposures_before", "user_clicks_before",
-              "item_exposures_before", "item_clicks_before"):
-        out[c] = df[c].to_numpy().astype(np.int32)
-    p = prior.at(ts)
-    out["user_ctr"] = smoothed_ctr(out["user_clicks_before"].to_numpy(), out["user_exposures_before"].to_numpy(), p, strength)
-    out["item_ctr"] = smoothed_ctr(out["item_clicks_before"].to_numpy(), out["item_exposures_before"].to_numpy(), p, strength)
-    fs = ft.first_seen[ik]
-    out["item_age_days"] = np.where(fs >= 0, np.maximum(ts - fs, 0) / 86_400.0, -1.0).astype(np.float32)
-    out["is_sampled_negative"] = (df["event"].to_numpy() == "sampled_negative").astype(np.int8)
-    for f, arr in ft.profile.items():
-        out[f] = arr[uk]
     out["split"] = df["split"].to_numpy()
     out["click_ts"] = df["click_ts"].to_numpy().astype(np.int64)  # label time: feeds clicks/, never a feature
     hard = np.stack([df[f"hard_neg_{j}"].to_numpy() for j in range(n_hard)], axis=1) if n_hard else np.zeros((len(df), 0))

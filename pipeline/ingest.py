@@ -11,6 +11,8 @@ Output folder:
   ranking/split=*/   one row per exposure (impression, unpaired click, or sampled negative)
   retrieval/split=*/ one row per click, with hard negatives and the target's title tokens
   clicks/            the click timelines (user_key, click_ts, item_key) for history gathering
+  state/             the online-state snapshot serving starts from (pipeline/state.py): counters,
+                     activity and the prior's daily totals as of the end of the log
   items.parquet, users.parquet, vocab.json, feature_spec.json, stats.json
   rejects/           every rejected row with its reason (events/, duplicates/, catalog.parquet)
 (written by pipeline/outputs.py).
@@ -52,6 +54,7 @@ from pipeline.outputs import (
     write_meta,
 )
 from pipeline.readers import RawTables
+from pipeline.state import STATE_COLUMNS, combine_state, state_partials, write_state
 from pipeline.validate import (
     CORE_EVENT_KINDS,
     EventRules,
@@ -188,8 +191,25 @@ def run_ingest_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables
         return _ingest_local(cfg, out, raw_events, raw)
 
 
-def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: RawTables) -> dict[str, Any]:
-    clock = StageClock()
+@dataclass
+class UserPass:
+    """The single-process ingest up to its user pass: what `_ingest_local` goes on from, and what
+    tests/data/test_feature_parity.py replays through the online state."""
+
+    plan: Plan
+    raw_rows: int
+    rejected: pd.DataFrame
+    accepted: int
+    t_val: int
+    t_test: int
+    as_of: int  # one second after the last accepted event: the state snapshot's time
+    cat: Catalog
+    p1: pd.DataFrame  # annotate_user_events' output over every accepted event
+
+
+def user_pass_local(cfg: FunnelConfig, raw_events: pd.DataFrame, raw: RawTables,
+                    clock: StageClock | None = None) -> UserPass:
+    clock = clock or StageClock()
     plan = make_plan(cfg, raw)
     v = validate_events(raw_events, plan.rules, pd.Index(plan.items["item_id"]))
     rejected = rejects_frame(v, "events")
@@ -203,8 +223,15 @@ def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: R
     keyed = _keyed(acc, cat.item_index, cat.user_index, 1)
     p1 = annotate_user_events(keyed, ctx)
     clock.mark("user pass")
+    return UserPass(plan, len(raw_events), rejected, len(acc), t_val, t_test, int(acc["ts"].max()) + 1, cat, p1)
+
+
+def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: RawTables) -> dict[str, Any]:
+    clock = StageClock()
+    up = user_pass_local(cfg, raw_events, raw, clock)
+    plan, rejected, t_val, t_test, cat, p1 = up.plan, up.rejected, up.t_val, up.t_test, up.cat, up.p1
     dups = _dup_rejects(p1)
-    us = combine_user_pass([user_pass_stats(p1, t_val, t_test)])  # the statistics the Ray path combines
+    us = combine_user_pass([user_pass_stats(p1, t_val, t_test, up.as_of)])  # the statistics the Ray path combines
     exp = _split_and_bucket(p1, t_val, t_test, 1)
     p2 = item_counters(exp)
     clock.mark("item pass")
@@ -218,12 +245,13 @@ def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: R
                         partition_cols=["split"])
     (out / "clicks").mkdir()
     click_rows(fin).to_parquet(out / "clicks" / "part-0.parquet", index=False)
+    write_state(out, us["state"], up.as_of, d.ctr_prior_strength, d.long_len, d.short_len)
     clock.mark("write outputs")
     all_rejects = pd.concat([rejected, dups], ignore_index=True)
     all_rejects.to_parquet(out / "rejects" / "events.parquet", index=False)
     summary, moments = combine_output_stats([output_stats(fin)])
-    stats = write_meta(out, plan, cat, summary, all_rejects["reason"].value_counts(), len(raw_events),
-                       len(acc) - len(dups), t_val, t_test, us["prior"], moments)
+    stats = write_meta(out, plan, cat, summary, all_rejects["reason"].value_counts(), up.raw_rows,
+                       up.accepted - len(dups), t_val, t_test, us["prior"], moments)
     clock.mark("output stats")
     return stats | {"stage_seconds": clock.seconds}
 
@@ -287,7 +315,9 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     ).materialize()
     del validated, acc, keyed
     clock.mark("user pass")
-    us = combine_user_pass(_partials(p1.select_columns(USER_PASS_STAT_COLUMNS), user_pass_stats, t_val=t_val, t_test=t_test))
+    as_of = vs["ts_max"] + 1
+    us = combine_user_pass(_partials(p1.select_columns(USER_PASS_STAT_COLUMNS), user_pass_stats, t_val=t_val,
+                                     t_test=t_test, as_of=as_of))
     clock.mark("user pass stats")
     if us["duplicates"]:
         p1.filter(expr=col("dup") == True).map_batches(  # noqa: E712
@@ -312,6 +342,7 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
         fn_kwargs={"ft": ft, "n_hard": d.max_hard_negatives, "profile": cat.profile_fields},
     ).write_parquet(str(out / "retrieval"), partition_cols=["split"])
     fin.map_batches(click_rows, batch_format="pandas").write_parquet(str(out / "clicks"))
+    write_state(out, us["state"], as_of, d.ctr_prior_strength, d.long_len, d.short_len)
     clock.mark("write outputs")
     summary, moments = combine_output_stats(_partials(fin.select_columns(OUTPUT_STAT_COLUMNS), output_stats))
     clock.mark("output stats")
@@ -390,23 +421,26 @@ def combine_id_counts(parts: list[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[p
     return items, users
 
 
-USER_PASS_STAT_COLUMNS = ["dup", "is_exposure", "ts", "label", "event", "click_ts"]
+USER_PASS_STAT_COLUMNS = list(dict.fromkeys(["dup", "is_exposure", "ts", "label", "event", "click_ts", *STATE_COLUMNS]))
 
 
-def user_pass_stats(df: pd.DataFrame, t_val: int, t_test: int) -> dict[str, Any]:
-    """Duplicates, the daily counts behind the past-only prior, and the train CTR of one block of
-    the user pass's output (its exposures: what `_split_and_bucket` keeps)."""
+def user_pass_stats(df: pd.DataFrame, t_val: int, t_test: int, as_of: int) -> dict[str, Any]:
+    """Duplicates, the daily counts behind the past-only prior, the train CTR and the online-state
+    partials (pipeline/state.py, as of `as_of`) of one block of the user pass's output (its exposures:
+    what `_split_and_bucket` keeps)."""
     df = numpy_frame(df)
     exp = df[_examples_mask(df)]
     train = assign_split(exp["ts"].to_numpy(), t_val, t_test) == "train"
     return {"duplicates": int(df["dup"].to_numpy().astype(bool).sum()), "daily": daily_counts(exp),
-            "train_rows": int(train.sum()), "train_clicks": int(exp["label"].to_numpy()[train].sum())}
+            "train_rows": int(train.sum()), "train_clicks": int(exp["label"].to_numpy()[train].sum()),
+            "state": state_partials(df, as_of)}
 
 
 def combine_user_pass(parts: list[dict[str, Any]]) -> dict[str, Any]:
     n, clicks = sum(p["train_rows"] for p in parts), sum(p["train_clicks"] for p in parts)
     return {"duplicates": sum(p["duplicates"] for p in parts), "prior": clicks / n if n else DEFAULT_PRIOR,
-            "past_prior": PastPrior.from_counts(pd.concat([p["daily"] for p in parts], ignore_index=True))}
+            "past_prior": PastPrior.from_counts(pd.concat([p["daily"] for p in parts], ignore_index=True)),
+            "state": combine_state([p["state"] for p in parts])}
 
 
 OUTPUT_STAT_COLUMNS = ["split", "label", "ts", "user_key", "item_key", "seq_len_long", *NUMERIC_FIELDS]

@@ -208,3 +208,32 @@ def plot(res: dict[str, Any], events: pd.DataFrame, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- exposure and ground truth
+
+
+def exposure_concentration(item_ids: np.ndarray, catalogue: np.ndarray) -> dict[str, float]:
+    """How concentrated one arm's exposures are over the catalogue (every item that could be shown,
+    unexposed ones counting as 0): the Gini coefficient of exposures per item, the share of exposures
+    the top 1% of items take, and coverage = the share of the catalogue exposed at least once."""
+    catalogue = np.unique(np.asarray(catalogue).astype(str))
+    counts = pd.Series(np.asarray(item_ids).astype(str)).value_counts()
+    x = np.sort(counts.reindex(catalogue, fill_value=0).to_numpy(np.float64))  # ascending
+    n, total = len(x), x.sum()
+    if n == 0 or total == 0:
+        return {"gini": float("nan"), "top1_share": float("nan"), "coverage": 0.0}
+    gini = float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * total))
+    top = max(1, int(np.ceil(0.01 * n)))
+    return {"gini": gini, "top1_share": float(x[-top:].sum() / total), "coverage": float((x > 0).mean())}
+
+
+def true_ctr(world, events: pd.DataFrame) -> float:
+    """The world's expected CTR of the served impressions: mean P(click | user, item, position, ts) under
+    the same click model that answered the test (pipeline/world.py), free of click noise."""
+    imp = events[events["event"] == "impression"]
+    if imp.empty:
+        return float("nan")
+    p = world.click_probabilities(imp["user_id"].astype(np.int64).to_numpy(), imp["item_id"].astype(np.int64).to_numpy(),
+                                  imp["position"].astype(np.int64).to_numpy(), imp["ts"].astype(np.int64).to_numpy())
+    return float(np.mean(p))

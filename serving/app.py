@@ -48,14 +48,20 @@ def build_app(args: FunnelArgs) -> serve.Application:
                                      token_file=str(Path(args.serve.token_file).resolve()))})
     read_token(args.serve.token_file)  # no token → a clear error here, not a replica that fails to start
     aliases = arm_aliases(args)  # a variant that is neither popularity nor funnel@<alias>: an error here
+    if args.serve.ingress_replicas < 1:
+        raise ValueError(f"serve.ingress_replicas must be at least 1, got {args.serve.ingress_replicas}")
+    if args.serve.ingress_replicas > 1 and args.serve.state_backend != "actor":
+        raise ValueError(f"serve.ingress_replicas={args.serve.ingress_replicas} needs serve.state_backend: actor "
+                         "(with per-replica state a /feedback click can reach a replica that never served its slate)")
     opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus},
             "logging_config": {"enable_access_log": args.serve.access_log},
             "max_ongoing_requests": args.serve.max_ongoing_requests}
+    ingress = Funnel.options(num_replicas=args.serve.ingress_replicas, **opts)
     if args.serve.colocate:
-        return Funnel.options(**opts).bind(args)
+        return ingress.bind(args)
     stages = {kind: {a: cls.options(name=f"{cls.name}-{a}", **opts).bind(args, a) for a in aliases}
               for kind, cls in STAGES.items()}
-    return Funnel.options(**opts).bind(args, stages)
+    return ingress.bind(args, stages)
 
 
 def args_from_config(cfg, data_dir: str | None = None) -> FunnelArgs:

@@ -40,23 +40,28 @@ class Retriever:
         self.model, self.index, self.store, self.popular_n = model.eval(), index, store, popular_n
 
     @torch.inference_mode()
-    def user_vectors(self, user_keys: list[int], hists: list[np.ndarray]) -> np.ndarray:
-        """(B, d) user vectors of B requests in one forward pass."""
+    def user_vectors(self, user_keys: list[int], hists: list[np.ndarray],
+                     ts: list[int | None] | None = None) -> np.ndarray:
+        """(B, d) user vectors of B requests in one forward pass (`ts`: each request's time; None = now)."""
         if hasattr(self.model, "encode_item_table"):  # two-tower: the user tower reads a full row
-            rows = [self.store.ranking_batch(u, h, np.zeros(1, dtype=np.int64), ts=0, seq_len=self.model.spec.seq_len)
-                    for u, h in zip(user_keys, hists, strict=True)]
+            ts = ts or [None] * len(user_keys)
+            rows = [self.store.ranking_batch(u, h, np.zeros(1, dtype=np.int64), ts=t, seq_len=self.model.spec.seq_len)
+                    for u, h, t in zip(user_keys, hists, ts, strict=True)]
             return self.model.encode_users({k: torch.cat([r[k] for r in rows]) for k in rows[0]}).numpy()
         padded = [self.store.padded(h, self.model.max_history) for h in hists]
         keys = torch.cat([p[0] for p in padded])
         n = torch.cat([p[1] for p in padded])
         return self.model.encode_users(keys, n).numpy()
 
-    def retrieve_many(self, user_keys: list[int], hists: list[np.ndarray], n: int) -> list[Scored]:
+    def retrieve_many(self, user_keys: list[int], hists: list[np.ndarray], n: int,
+                      ts: list[int | None] | None = None) -> list[Scored]:
         two_tower = hasattr(self.model, "encode_item_table")
         use = [i for i, h in enumerate(hists) if len(h) or two_tower]  # no history, no vector: popular only
+        ts = ts or [None] * len(hists)
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if use:
-            scores, keys = self.index.search(self.user_vectors([user_keys[i] for i in use], [hists[i] for i in use]), n)
+            vecs = self.user_vectors([user_keys[i] for i in use], [hists[i] for i in use], [ts[i] for i in use])
+            scores, keys = self.index.search(vecs, n)
             found = {i: (scores[j], keys[j]) for j, i in enumerate(use)}
         pop = self.store.popular[: self.popular_n]
         out = []
@@ -70,8 +75,8 @@ class Retriever:
                               np.concatenate([scores, np.full(len(extra), floor, np.float32)])))
         return out
 
-    def retrieve(self, user_key: int, hist: np.ndarray, n: int) -> Scored:
-        return self.retrieve_many([user_key], [hist], n)[0]
+    def retrieve(self, user_key: int, hist: np.ndarray, n: int, ts: int | None = None) -> Scored:
+        return self.retrieve_many([user_key], [hist], n, [ts])[0]
 
 
 class Preranker:

@@ -82,6 +82,13 @@ def _versions(args: FunnelArgs, stages: dict[str, str]) -> str:
                     for k, m in (("retriever", s.retriever), ("preranker", s.preranker), ("ranker", s.ranker)))
 
 
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return ""
+
+
 def _pick(ids: list[str], pos: np.ndarray) -> list[str]:
     """The request's own ids at the positions a stage chose."""
     return [ids[i] for i in pos.tolist()]
@@ -96,12 +103,17 @@ class Funnel:
         FeatureStore, and awaited in-process."""
         from serving.features import FeatureStore
         from serving.guard import read_token
-        from serving.router import ArmRouter, EventLog, RecentClicks, ServedRequests
+        from serving.router import ArmRouter, EventLog, ServedRequests
 
         self.args = args
         self.token = read_token(args.serve.token_file)
         self.router = ArmRouter(args.abtest.arms, args.abtest.salt)
-        self.store = FeatureStore(args.data_dir)
+        shared = None
+        if args.serve.state_backend == "actor":  # one state and registry for every replica
+            from serving.state_store import shared_state
+
+            shared = shared_state(args.data_dir, args.serve.state_actor, args.serve.served_requests)
+        self.store = FeatureStore(args.data_dir, state=shared[0] if shared else None)
         self.local = stages is None
         if stages is None:
             from serving.stages import STAGES
@@ -111,8 +123,7 @@ class Funnel:
         self.stages = stages
         self.default = stage_alias(args)  # what /retrieve, /prerank and /rank serve
         self.log = EventLog(args.serve.event_log, args.serve.event_log_max_rows, args.serve.event_log_flush_s)
-        self.served = ServedRequests(args.serve.served_requests)
-        self.recent = RecentClicks()  # /feedback clicks: the fresh end of each user's history
+        self.served = shared[1] if shared else ServedRequests(args.serve.served_requests)
         self.popular = self.store.item_ids(self.store.popular[:100])  # the popularity arm's slate
 
     async def _call(self, kind: str, alias: str, method: str, *a) -> Any:
@@ -139,18 +150,13 @@ class Funnel:
     def _user(self, req, ts: int) -> tuple[int, np.ndarray, np.ndarray]:
         """The request's user key (0 = unknown: the cold-start path), history as item keys and each
         entry's click time (0 = unknown): the request's own history if it sends one (unknown items
-        dropped), else the log's followed by the clicks fed back before ts."""
+        dropped), else the online state's: the logged clicks and those fed back, strictly before ts."""
         s = self.store
-        u = int(s.user_keys([req.user_id])[0])
+        u = s.user_key(req.user_id)
         if req.history is not None:
             keys = s.item_keys(req.history)
             return (u, *s.user_history_ts(u, keys[keys > 0]))
-        recent = self.recent.before_with_ts(req.user_id, ts)
-        keys = clicked = None
-        if recent:
-            k = s.item_keys([i for _, i in recent])
-            keys, clicked = k[k > 0], np.array([t for t, _ in recent], dtype=np.int64)[k > 0]
-        return (u, *s.user_history_ts(u, recent=keys, recent_ts=clicked))
+        return (u, *s.user_history_ts(u, ts=ts))
 
     @api.get("/healthz")
     def healthz(self, authorization: str | None = Header(None)) -> dict[str, Any]:
@@ -158,14 +164,16 @@ class Funnel:
         return {"ok": True, "arms": self.args.abtest.arms, "variants": self.args.abtest.variants,
                 "colocated": self.local, "stage_alias": self.default,
                 "event_log": {"pending_rows": self.log.pending(), "written_rows": self.log.written_rows,
-                              "failed_flushes": self.log.failed_flushes}}
+                              "failed_flushes": self.log.failed_flushes},
+                "state": self.store.state.counters() | {"backend": self.args.serve.state_backend},
+                "replica": _replica_id()}
 
     @api.post("/retrieve")
     async def retrieve(self, req: RetrieveRequest, authorization: str | None = Header(None)) -> Items:
         self._auth(authorization)
         ts = self._ts(req.ts)
         u, hist, _ = self._user(req, ts)
-        res, v = await self._call("retriever", self.default, "retrieve_keys", u, hist, req.n)
+        res, v = await self._call("retriever", self.default, "retrieve_keys", u, hist, req.n, ts)
         released = self.store.first_seen[res.keys] <= ts  # an item not yet released is not a candidate
         return Items(items=self.store.item_ids(res.keys[released]), scores=res.scores[released].tolist(),
                      model_version=v)
@@ -195,7 +203,7 @@ class Funnel:
         """retrieve → pre-rank → rank on item keys; the slate's ids, scores and stage versions."""
         a = self.args.serve
         u, hist, hist_ts = self._user(req, ts)
-        got, rv = await self._call("retriever", alias, "retrieve_keys", u, hist, a.retrieve_top_n)
+        got, rv = await self._call("retriever", alias, "retrieve_keys", u, hist, a.retrieve_top_n, ts)
         pre, pv = await self._call("preranker", alias, "prerank_keys", u, hist, got, a.prerank_top_m, ts)
         out, kv = await self._call("ranker", alias, "rank_keys", u, hist, hist_ts, pre.keys, req.k, ts)
         return self.store.item_ids(out.keys), out.scores.tolist(), {"retriever": rv, "preranker": pv, "ranker": kv}
@@ -216,6 +224,7 @@ class Funnel:
             versions = _versions(self.args, stages)
         self.served.add(rid, Served(req.user_id, arm, items, versions, ts))
         self.log.exposures(req.user_id, items, ts, rid, arm, versions)
+        self.store.observe_exposures(self.store.user_key(req.user_id, create=True), self.store.item_keys(items), ts)
         return Recommendation(items=items, scores=scores, request_id=rid, arm=arm, stages=stages)
 
     @api.post("/feedback")
@@ -238,10 +247,12 @@ class Funnel:
                 shown = got.items[c.position] if c.position < len(got.items) else None
                 raise HTTPException(422, f"position {c.position} of request {req.request_id[:64]!r} showed "
                                          f"{shown!r}, not {c.item_id[:64]!r}")
-        new = self.served.claim(got, [c.position for c in clicks])
+        new = self.served.claim_id(req.request_id, [c.position for c in clicks])
         for p in new:
             self.log.click(req.user_id, got.items[p], ts, req.request_id, p, got.arm, got.versions)
-            self.recent.add(req.user_id, got.items[p], ts)
+        if new:  # counters and the history move together (pipeline/state.py)
+            self.store.observe_clicks(self.store.user_key(req.user_id, create=True),
+                                      self.store.item_keys([got.items[p] for p in new]), ts)
         return {"ok": True, "clicks": len(new), "duplicates": len(clicks) - len(new)}
 
     def __del__(self) -> None:

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import os
 import threading
@@ -172,8 +171,8 @@ class Served:
 
 
 class ServedRequests:
-    """request id → Served, the last `max_requests` (LRU). Per ingress replica: with several
-    ingress replicas a click must reach the replica that served it (or a shared store)."""
+    """request id → Served, the last `max_requests` (LRU). Per ingress replica; with several ingress
+    replicas, serve.state_backend "actor" shares one (serving/state_store.py)."""
 
     def __init__(self, max_requests: int = 100_000):
         self.max_requests = max_requests
@@ -190,6 +189,12 @@ class ServedRequests:
         with self._lock:
             return self._served.get(request_id)
 
+    def claim_id(self, request_id: str, positions: list[int]) -> list[int]:
+        """`claim` by request id (what a shared registry can answer: serving/state_store.py)."""
+        with self._lock:
+            got = self._served.get(request_id)
+        return self.claim(got, positions) if got is not None else []
+
     def claim(self, served: Served, positions: list[int]) -> list[int]:
         """The positions not clicked before (marked clicked now), in the order given, each once."""
         with self._lock:
@@ -199,38 +204,6 @@ class ServedRequests:
                     served.clicked.add(p)
                     new.append(p)
             return new
-
-
-class RecentClicks:
-    """Per-user clicks since the log ended, time-ordered; `before(user, ts)` = those strictly before ts."""
-
-    def __init__(self, max_users: int = 100_000, per_user: int = 200):
-        self.max_users, self.per_user = max_users, per_user
-        self._clicks: OrderedDict[str, list[tuple[int, str]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, user_id: str, item_id: str, ts: int) -> None:
-        with self._lock:
-            clicks = self._clicks.setdefault(user_id, [])
-            bisect.insort(clicks, (int(ts), item_id))
-            del clicks[: -self.per_user]
-            self._clicks.move_to_end(user_id)
-            if len(self._clicks) > self.max_users:
-                self._clicks.popitem(last=False)
-
-    def before(self, user_id: str, ts: int) -> list[str] | None:
-        """The item ids of `before_with_ts`."""
-        clicks = self.before_with_ts(user_id, ts)
-        return [item for _, item in clicks] if clicks else None
-
-    def before_with_ts(self, user_id: str, ts: int) -> list[tuple[int, str]] | None:
-        """The user's clicks strictly before ts as (click ts, item id) pairs, oldest first (None: none);
-        what the ingress reads into a request's history."""
-        with self._lock:
-            clicks = self._clicks.get(user_id)
-            if not clicks:
-                return None
-            return list(clicks[: bisect.bisect_left(clicks, (int(ts), ""))]) or None
 
 
 def read_events(folder: str | Path) -> pd.DataFrame:

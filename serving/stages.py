@@ -97,9 +97,18 @@ def _batching(method, args: FunnelArgs) -> None:
 
 
 def _store(args: FunnelArgs, store=None):
+    """The colocated ingress's store, else this replica's own (reading the shared state with
+    serve.state_backend "actor")."""
     from serving.features import FeatureStore
 
-    return store if store is not None else FeatureStore(args.data_dir)
+    if store is not None:
+        return store
+    state = None
+    if args.serve.state_backend == "actor":
+        from serving.state_store import shared_state
+
+        state = shared_state(args.data_dir, args.serve.state_actor, args.serve.served_requests)[0]
+    return FeatureStore(args.data_dir, state=state)
 
 
 @serve.deployment
@@ -117,20 +126,21 @@ class RetrieverStage(_Registered):
                                   self.args.serve.index_factory)
         self.stage = Retriever(model, index, self.store, self.args.serve.popular_n)
 
-    async def retrieve_keys(self, user_key: int, hist: np.ndarray, n: int) -> tuple[Any, str]:
-        """The top n of FAISS ∪ the popularity channel for one user (key, history keys)."""
+    async def retrieve_keys(self, user_key: int, hist: np.ndarray, n: int, ts: int | None = None) -> tuple[Any, str]:
+        """The top n of FAISS ∪ the popularity channel for one user (key, history keys) at ts (the
+        two-tower's user tower reads the user's counters as of ts)."""
         self.ensure_watch()
-        return await self._retrieve_batch((user_key, hist, n))
+        return await self._retrieve_batch((user_key, hist, n, ts))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _retrieve_batch(self, reqs: list[tuple[int, np.ndarray, int]]) -> list[tuple[Any, str]]:
+    async def _retrieve_batch(self, reqs: list[tuple[int, np.ndarray, int, int | None]]) -> list[tuple[Any, str]]:
         """Concurrent requests → one user-tower forward and one FAISS search per distinct n."""
         stage, version = self.stage, self.version
         out: list[Any] = [None] * len(reqs)
         for n in {r[2] for r in reqs}:
             idx = [i for i, r in enumerate(reqs) if r[2] == n]
-            for i, res in zip(idx, stage.retrieve_many([reqs[i][0] for i in idx], [reqs[i][1] for i in idx], n),
-                              strict=True):
+            for i, res in zip(idx, stage.retrieve_many([reqs[i][0] for i in idx], [reqs[i][1] for i in idx], n,
+                                                        [reqs[i][3] for i in idx]), strict=True):
                 out[i] = (res, version)
         return out
 

@@ -45,9 +45,13 @@ class RankingBatcher:
             spec.seq_len = seq_len
         return cls(spec, HistoryStore.load(root), seq_len)
 
-    def _fields_and_history(self, rows: dict[str, np.ndarray], present_only: bool) -> tuple[dict, dict]:
-        """Spec fields as tensors (all of them, or those `rows` has) plus the gathered histories."""
-        g = self.history.gather(np.asarray(rows["user_key"]), np.asarray(rows["hist_end"]), self.seq_len)
+    def _fields_and_history(self, rows: dict[str, np.ndarray], present_only: bool,
+                            g: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+        """Spec fields as tensors (all of them, or those `rows` has) plus the histories: gathered from the
+        click timelines at (user_key, hist_end), or `g` as `HistoryStore.gather` returns it (serving: the
+        online state's timeline)."""
+        if g is None:
+            g = self.history.gather(np.asarray(rows["user_key"]), np.asarray(rows["hist_end"]), self.seq_len)
         keep = (lambda n: n in rows) if present_only else (lambda n: True)
         out = {n: torch.as_tensor(np.asarray(rows[n]).astype(np.int64)) for n in self.spec.categorical if keep(n)}
         out |= {n: torch.as_tensor(np.asarray(rows[n]).astype(np.float32)) for n in self.spec.numeric if keep(n)}
@@ -63,6 +67,29 @@ class RankingBatcher:
         out["user_key"] = torch.as_tensor(np.asarray(rows["user_key"]).astype(np.int64))
         if self.karma is not None:
             out["karma_sim"] = self.karma_similarity(rows)
+        return out
+
+    def features(self, rows: dict[str, np.ndarray], g: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The model inputs of unlabelled rows whose histories are already gathered (serving builds `rows`
+        with pipeline.state.FeatureState.rows and `g` with `history_arrays`): the same tensors as
+        `__call__` for the same rows, without the label."""
+        out, _ = self._fields_and_history(rows, present_only=False, g=g)
+        out["user_key"] = torch.as_tensor(np.asarray(rows["user_key"]).astype(np.int64))
+        return out
+
+    def history_arrays(self, keys: np.ndarray, times: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+        """One history (item keys and click times, most recent last) as `HistoryStore.gather` lays out
+        `rows` copies of it: (rows, L) left-padded arrays and `len`."""
+        L = self.seq_len
+        keys, times = np.asarray(keys, np.int64)[-L:], np.asarray(times, np.int64)[-L:]
+        k = np.zeros(L, np.int64)
+        t = np.zeros(L, np.int64)
+        if len(keys):
+            k[L - len(keys):], t[L - len(keys):] = keys, times
+        out = {"item_key": k, "click_ts": t}
+        out |= {col: np.where(k > 0, arr[k], 0) for col, arr in self.history.lookup.items()}
+        out = {n: np.repeat(v[None, :], rows, axis=0) for n, v in out.items()}
+        out["len"] = np.full(rows, len(keys), np.int64)
         return out
 
     @torch.inference_mode()

@@ -8,6 +8,7 @@ model quality (benchmarks/fidelity.py and the demo's A/B are).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -207,7 +208,7 @@ def test_fed_back_clicks_extend_the_served_history(served, tiny_processed, auth)
         assert r.status_code == 200, r.text
         return dict(zip(r.json()["items"], r.json()["scores"], strict=True))
 
-    before = scores(t_click + 60)
+    before, before_at_click = scores(t_click + 60), scores(t_click)
     first, second = slates
     for p, it in enumerate(first["items"]):  # one click per call ...
         requests.post(f"{url}/feedback", json={"user_id": user, "request_id": first["request_id"], "item_id": it,
@@ -220,8 +221,12 @@ def test_fed_back_clicks_extend_the_served_history(served, tiny_processed, auth)
     assert r.status_code == 200 and r.json() == {"ok": True, "clicks": 3, "duplicates": 0}
     after = scores(t_click + 60)
     assert max(abs(after[i] - before[i]) for i in before) > 1e-3  # the ranker now reads six clicks, not none
-    # a request at the click's own time does not see them (strictly before); only the item ages differ by 60 s
-    assert scores(t_click) == pytest.approx(before, rel=1e-4)
+    # a request at the click's own time does not see them in the user's history or counters (strictly
+    # before); the clicked items' own counters moved (the state counts what it observed, pipeline/state.py),
+    # so the other candidates are compared
+    clicked = set(first["items"]) | set(second["items"])
+    at_click = {i: v for i, v in scores(t_click).items() if i not in clicked}
+    assert len(at_click) >= 20 and at_click == pytest.approx({i: before_at_click[i] for i in at_click}, rel=1e-6)
     requests.post(f"{url}/flush", headers=auth, timeout=60).raise_for_status()
 
 
@@ -440,6 +445,63 @@ def test_oversized_bodies_get_413_with_or_without_content_length(served):
     assert r.status_code == 422 and "NaN" in r.json()["detail"]
 
 
+def test_two_ingress_replicas_share_one_online_state(served, e2e_run, tmp_path):
+    """serve.state_backend "actor" (serving/state_store.py), a second app with two ingress replicas:
+    a slate served by either replica takes its click through either, and every replica then reads the
+    same counters and the user's history."""
+    import dataclasses
+
+    from ray import serve
+
+    from configs import load_config
+    from serving.app import args_from_config, build_app
+    from serving.state_store import shutdown
+
+    cfg = load_config(e2e_run["args"][1], e2e_run["args"][3::2])
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(
+        cfg.serve, state_backend="actor", state_actor="funnel-state-two-replicas", ingress_replicas=2,
+        event_log=str(tmp_path / "events"), token_file=str(e2e_run["root"] / "runs" / "serve_token")))
+    args = args_from_config(cfg, str(e2e_run["processed"]))
+    serve.run(build_app(args), name="shared", route_prefix="/shared")
+    url = f"{e2e_run['proxy_url']}/shared"
+    auth = {"Authorization": f"Bearer {(e2e_run['root'] / 'runs' / 'serve_token').read_text().strip()}"}
+    try:
+        def by_replica() -> dict[str, dict]:
+            seen: dict[str, dict] = {}
+            for _ in range(80):
+                h = requests.get(f"{url}/healthz", timeout=30).json()
+                seen[h["replica"]] = h["state"]
+                if len(seen) == 2:
+                    break
+            return seen
+
+        before = by_replica()
+        assert len(before) == 2 and all(s["backend"] == "actor" for s in before.values()), before
+        users = _users(e2e_run["processed"], 3)
+        t = 1_702_000_000
+        for i, user in enumerate(users * 4):  # slates and clicks land on either replica
+            rec = requests.post(f"{url}/recommend", json={"user_id": user, "k": 3, "ts": t + i}, timeout=60).json()
+            r = requests.post(f"{url}/feedback", json={"user_id": user, "request_id": rec["request_id"],
+                                                       "item_id": rec["items"][0], "position": 0, "ts": t + i + 1},
+                              headers=auth, timeout=60)
+            assert r.status_code == 200 and r.json()["clicks"] == 1, r.text  # the registry is shared too
+        after = by_replica()
+        base = next(iter(before.values()))
+        assert len(after) == 2
+        for rid, s in after.items():
+            assert s["online_clicks"] - base["online_clicks"] == 12, (rid, s)
+            assert s["exposures"] - base["exposures"] == 36, (rid, s)
+        hist = set()
+        for _ in range(10):  # the user's fed-back clicks are in the history whichever replica ranks
+            r = requests.post(f"{url}/retrieve", json={"user_id": users[0], "n": 5, "ts": t + 100}, timeout=60)
+            assert r.status_code == 200, r.text
+            hist.add(tuple(r.json()["items"]))
+        assert len(hist) == 1  # the same history (hence the same user vector) on both replicas
+    finally:
+        serve.delete("shared")
+        shutdown("funnel-state-two-replicas")
+
+
 def test_killing_the_ingress_replica_loses_no_flushed_event(served, tiny_processed, e2e_run):
     """Last in this module: it kills the funnel's replica (a crash: no graceful shutdown) while
     /recommend traffic flows. Every request acknowledged before the killed replica's last
@@ -502,3 +564,32 @@ def test_killing_the_ingress_replica_loses_no_flushed_event(served, tiny_process
           f"{window} acknowledged in the unflushed window ({killed_at - last_snapshot:.2f} s)")
     assert due and not lost
     assert killed_at - last_snapshot <= load_config(e2e_run["args"][1]).serve.event_log_flush_s + 1.0
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 14): round 1's redeploy answers 49 of 100 A/B requests "
+                   "with a 500; not yet diagnosed")
+def test_the_closed_loop_runs_two_rounds_on_the_tiny_world(served, e2e_run, monkeypatch):
+    """`jobs.loop`, 2 rounds from the e2e run's registry: round 1 A/B-tests the funnel; round 2 ingests the
+    logs + round 1's served events (exact accounting), retrains the ranker through the gate, redeploys on
+    the new data and A/B-tests the next week; per round and arm the report has the logged and the
+    world's true CTR, exposure concentration and coverage, and a plot. It redeploys the app: it runs
+    after the replica-kill test, last."""
+    from jobs import loop
+
+    root = e2e_run["root"]
+    monkeypatch.chdir(root)
+    assert loop.main([*e2e_run["args"], "--rounds", "2", "--retrain", "cdnet", "--skip-bootstrap"]) == 0
+    folder = root / "runs" / "loop" / "tiny"
+    rounds = json.loads((folder / "loop.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    second = rounds[1]
+    stats = json.loads((Path(second["data"]) / "stats.json").read_text())
+    assert stats["input_rows"]["served_events"] == second["served_events_ingested"] > 0
+    assert stats["input_rows"]["events"] == stats["accepted_events"] + stats["rejected_events"]
+    assert set(second["gate"]) == {"cdnet"}
+    for r in rounds:
+        for arm, m in r["arms"].items():
+            assert m["impressions"] > 0 and 0 < m["true_ctr"] < 1 and 0 < m["coverage"] <= 1, (r["round"], arm, m)
+            assert 0 <= m["gini"] < 1 and 0 < m["top1_share"] <= 1
+    assert "Closed loop: 2 rounds" in (folder / "loop.md").read_text()
+    assert (folder / "loop.png").stat().st_size > 10_000

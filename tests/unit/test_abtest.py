@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from serving.abtest import analyse, report_markdown
-from serving.router import ArmRouter, EventLog, RecentClicks, bucket, read_events
+from serving.router import ArmRouter, EventLog, bucket, read_events
 
 
 def test_buckets_are_sticky_and_arms_get_their_shares():
@@ -106,21 +106,6 @@ def test_served_requests_claim_each_position_once_and_forget_the_oldest():
     assert reg.get("r1") is None and reg.get("r3").user_id == "u3"  # bounded: the oldest is forgotten
 
 
-def test_recent_clicks_are_time_ordered_strictly_before_and_bounded():
-    rc = RecentClicks(max_users=2, per_user=3)
-    assert rc.before("u1", 100) is None
-    for ts, item in ((30, "c"), (10, "a"), (20, "b"), (40, "d")):  # out of order, as feedback may arrive
-        rc.add("u1", item, ts)
-    assert rc.before("u1", 40) == ["b", "c"]  # strictly before 40; "a" fell off (3 per user)
-    assert rc.before("u1", 41) == ["b", "c", "d"]
-    assert rc.before("u1", 20) is None
-    assert rc.before_with_ts("u1", 41) == [(20, "b"), (30, "c"), (40, "d")]  # the ranker reads their ages
-    assert rc.before_with_ts("u1", 20) is None
-    rc.add("u2", "x", 1)
-    rc.add("u3", "y", 1)  # LRU over users: u1 is the oldest
-    assert rc.before("u1", 100) is None and rc.before("u3", 2) == ["y"]
-
-
 def test_ab_schedule_is_sessions_inside_the_ab_horizon():
     from configs import WorldConfig
     from jobs.abtest import schedule
@@ -187,3 +172,31 @@ def test_cuped_null_ci_coverage_over_repeats():
                      covariate=pd.Series(c_pre | t_pre))["lift_cuped"]
         covered += cu["ci_low"] <= 0 <= cu["ci_high"]
     assert covered >= 34
+
+
+def test_exposure_concentration_over_the_catalogue():
+    from serving.abtest import exposure_concentration
+
+    cat = np.arange(1, 201)
+    even = exposure_concentration(np.repeat(cat, 3), cat)
+    assert even["gini"] == pytest.approx(0.0) and even["coverage"] == 1.0
+    assert even["top1_share"] == pytest.approx(0.01)
+    one = exposure_concentration(np.full(50, 7), cat)  # every exposure on one item: maximal
+    assert one["gini"] == pytest.approx(1 - 1 / 200) and one["top1_share"] == 1.0 and one["coverage"] == 1 / 200
+    half = exposure_concentration(np.arange(1, 101), cat)  # half the catalogue, once each
+    assert half["gini"] == pytest.approx(0.5) and half["coverage"] == 0.5
+
+
+def test_loop_horizons_follow_each_other_and_lifts_are_against_round_one():
+    from configs import WorldConfig
+    from jobs.loop import horizon, table
+    from pipeline.world import get_world
+
+    world = get_world(WorldConfig())
+    h1, h2 = horizon(world, 1), horizon(world, 2)
+    assert h1[0] == world.log_end_ts and h1[1] == world.ab_end_ts == h2[0] and h2[1] - h2[0] == h1[1] - h1[0]
+    rounds = [{"round": r, "arms": {"control": {"ctr": 0.1, "true_ctr": 0.1}, "treatment": {"ctr": 0.1 * r, "true_ctr": 0.2}}}
+              for r in (1, 2)]
+    df = table(rounds).set_index(["round", "arm"])
+    assert df.loc[(2, "treatment"), "ctr_vs_round1"] == pytest.approx(1.0)
+    assert df.loc[(2, "control"), "ctr_vs_round1"] == pytest.approx(0.0)

@@ -33,3 +33,14 @@ def test_two_arm_aliases_without_champion_must_be_named():
     with pytest.raises(ValueError, match=r"serve\.alias"):
         stage_alias(_args({"control": "funnel@a", "treatment": "funnel@b"}))
     assert stage_alias(_args({"control": "funnel@a", "treatment": "funnel@b"}, alias="b")) == "b"
+
+
+def test_several_ingress_replicas_need_the_shared_state(tmp_path):
+    from configs import ServeConfig
+    from serving.app import build_app
+    from serving.schemas import FunnelArgs
+
+    (tmp_path / "token").write_text("t\n")
+    with pytest.raises(ValueError, match="state_backend: actor"):
+        build_app(FunnelArgs(data_dir=str(tmp_path), serve=ServeConfig(ingress_replicas=2,
+                                                                       token_file=str(tmp_path / "token"))))
