@@ -316,6 +316,13 @@ def daily_counts(df: pd.DataFrame) -> pd.DataFrame:
     return out.rename_axis("day").reset_index()
 
 
+def prior_from_totals(exp_before: np.ndarray, clk_before: np.ndarray) -> np.ndarray:
+    """The CTR prior from the exposures and clicks logged before a day: their CTR, or DEFAULT_PRIOR where
+    nothing was logged yet, clipped away from 0 and 1 (`PastPrior` and the online state's `DailyTotals`)."""
+    prior = np.where(exp_before > 0, clk_before / np.maximum(exp_before, 1), DEFAULT_PRIOR)
+    return np.clip(prior, 1e-4, 1 - 1e-4)
+
+
 @dataclass
 class PastPrior:
     """The CTR smoothing prior as of each day, past-only like every other counter: the logged
@@ -334,8 +341,7 @@ class PastPrior:
         c = c.reindex(days, fill_value=0)
         exp_before = np.r_[0, np.cumsum(c["exposures"].to_numpy())[:-1]]
         clk_before = np.r_[0, np.cumsum(c["clicks"].to_numpy())[:-1]]
-        prior = np.where(exp_before > 0, clk_before / np.maximum(exp_before, 1), DEFAULT_PRIOR)
-        return cls(int(days[0]), np.clip(prior, 1e-4, 1 - 1e-4))
+        return cls(int(days[0]), prior_from_totals(exp_before, clk_before))
 
     def at(self, ts: np.ndarray) -> np.ndarray:
         i = np.clip(np.asarray(ts, dtype=np.int64) // DAY - self.day0, 0, len(self.prior) - 1)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.examples import DEFAULT_PRIOR, numpy_frame
+from pipeline.examples import numpy_frame, prior_from_totals
 from pipeline.features import DAY, ranking_features
 
 STATE_VERSION = 1
@@ -139,10 +139,7 @@ class DailyTotals:
 
     def prior_at(self, ts: np.ndarray) -> np.ndarray:
         upto = np.clip(np.asarray(ts, dtype=np.int64) // DAY - self.day0, 0, len(self.exposures))
-        exp_before = np.r_[0, np.cumsum(self.exposures)][upto]
-        clk_before = np.r_[0, np.cumsum(self.clicks)][upto]
-        prior = np.where(exp_before > 0, clk_before / np.maximum(exp_before, 1), DEFAULT_PRIOR)
-        return np.clip(prior, 1e-4, 1 - 1e-4)
+        return prior_from_totals(np.r_[0, np.cumsum(self.exposures)][upto], np.r_[0, np.cumsum(self.clicks)][upto])
 
 
 @dataclass
