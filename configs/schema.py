@@ -91,6 +91,9 @@ class DataConfig:
     val_frac: float = 0.1  # of the time range, by time, never by rows
     test_frac: float = 0.1
     min_count: int = 1  # vocabulary: ids seen fewer times in train become OOV
+    # an earlier ingest output whose keys and vocabulary ids this one keeps, appending new values
+    # (pipeline/vocab.py): models trained on it still read their own ids (the closed loop sets it)
+    vocab_from: str = ""
     long_len: int = 200
     short_len: int = 20
     title_len: int = 12

@@ -42,11 +42,20 @@ DAY = 86_400
 
 def round_config(cfg: FunnelConfig, r: int, folder: Path) -> FunnelConfig:
     """Round r's config: its own ingest output (round 1: the config's) reading the loop's event log
-    beside the logs (from round 2 on), the loop's own event log for serving."""
+    beside the logs (from round 2 on), the loop's own event log for serving. Round r's ingest
+    extends round r − 1's keys and vocabularies (data.vocab_from): a model the round does not
+    retrain, or whose retrain the gate refuses, is served beside the new ones and still reads its
+    own ids (pipeline/vocab.py)."""
     events = str((folder / "events").resolve())
     data = cfg.data if r == 1 else dataclasses.replace(
-        cfg.data, output=f"{cfg.data.output}-loop{r}", served_events=[*cfg.data.served_events, events])
+        cfg.data, output=output(cfg, r), served_events=[*cfg.data.served_events, events],
+        vocab_from=output(cfg, r - 1))
     return dataclasses.replace(cfg, data=data, serve=dataclasses.replace(cfg.serve, event_log=events))
+
+
+def output(cfg: FunnelConfig, r: int) -> str:
+    """Round r's ingest output (round 1: the config's own)."""
+    return cfg.data.output if r == 1 else f"{cfg.data.output}-loop{r}"
 
 
 def horizon(world, r: int) -> tuple[int, int]:

@@ -107,6 +107,20 @@ class FeatureSpec:
         stats = [self.numeric_stats.get(n, (0.0, 1.0)) for n in self.numeric]
         return [m for m, _ in stats], [max(s, 1e-6) for _, s in stats]
 
+    def fit_ids(self, batch: dict) -> dict:
+        """The batch with every id past this spec's tables read as OOV (1): a model trained on an
+        earlier ingest, served or scored on a later one that extended its vocabularies
+        (pipeline/vocab.py), sees a value it never learnt as the unknown value, as in its training.
+        Categorical fields and the behaviors' item fields; tensors in, tensors out (no copy when
+        nothing is past)."""
+        sizes = {**self.categorical, **{s: self.categorical[f] for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)}}
+        out = dict(batch)
+        for name, size in sizes.items():
+            x = batch.get(name)
+            if x is not None and len(x) and bool((x >= size).any()):
+                out[name] = x.masked_fill(x >= size, 1)
+        return out
+
     @property
     def fields(self) -> list[str]:
         """Field order of the (B, F, D) field-embedding tensor: categorical, then numeric."""

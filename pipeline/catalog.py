@@ -47,6 +47,47 @@ class Catalog:
         return w
 
 
+@dataclass
+class BaseVocabs:
+    """An earlier ingest's keys and vocabularies (data.vocab_from), for `build_catalog` to extend."""
+
+    item_keys: pd.Index  # item ids in key order (key = position + 1)
+    user_keys: pd.Index
+    vocabs: dict[str, pd.Index]  # "item", "user", "category", "brand", "title_word", "user.<c>": values in id order
+
+    @classmethod
+    def load(cls, root: str | Path) -> BaseVocabs:
+        root = Path(root)
+        missing = [f for f in ("items.parquet", "users.parquet", "vocab.json") if not (root / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"data.vocab_from={root}: not an ingest output (no {', '.join(missing)})")
+        items = pd.read_parquet(root / "items.parquet", columns=["item_key", "item_id", "item_idx"])
+        users = pd.read_parquet(root / "users.parquet", columns=["user_key", "user_id", "user_idx"])
+
+        def by_idx(frame: pd.DataFrame, col: str, idx: str) -> pd.Index:
+            known = frame[frame[idx] >= 2].sort_values(idx)
+            return pd.Index(known[col].to_numpy())
+
+        vocabs = {k: pd.Index(v) for k, v in json.loads((root / "vocab.json").read_text()).items()}
+        return cls(pd.Index(items.sort_values("item_key")["item_id"].to_numpy()),
+                   pd.Index(users.sort_values("user_key")["user_id"].to_numpy()),
+                   vocabs | {"item": by_idx(items, "item_id", "item_idx"), "user": by_idx(users, "user_id", "user_idx")})
+
+
+def _base_order(frame: pd.DataFrame, col: str, base: pd.Index | None) -> pd.DataFrame:
+    """The rows in base's key order first (their keys stay), then the others in their order."""
+    frame = frame.reset_index(drop=True)
+    if base is None:
+        return frame.copy()
+    pos = base.get_indexer(pd.Index(frame[col]))
+    gone = len(base) - int((pos >= 0).sum())
+    if gone:
+        raise ValueError(f"data.vocab_from: {gone} {col}s of the earlier ingest are missing from this one; "
+                         "its keys cannot be kept (extend only an ingest of the same catalogue and users)")
+    order = np.lexsort((np.arange(len(frame)), np.where(pos >= 0, pos, len(base))))
+    return frame.iloc[order].reset_index(drop=True).copy()
+
+
 def build_catalog(
     items: pd.DataFrame,
     users: pd.DataFrame,
@@ -56,39 +97,43 @@ def build_catalog(
     user_counts: pd.Series,
     min_count: int,
     title_len: int,
+    base: BaseVocabs | None = None,
 ) -> Catalog:
-    """Keys over catalogue ∪ log ids; vocabularies from train-period counts."""
+    """Keys over catalogue ∪ log ids; vocabularies from train-period counts. With `base` (an earlier
+    ingest's, data.vocab_from) the keys and vocabulary ids it had stay, new ones come after
+    (pipeline/vocab.py)."""
     extra_items = pd.Index(event_item_ids).difference(pd.Index(items["item_id"]))
     if len(extra_items):  # only possible when item metadata is not required
         items = pd.concat(
             [items, pd.DataFrame({"item_id": extra_items, "category": "unknown", "brand": "unknown", "title": "", "first_seen_ts": -1})],
             ignore_index=True,
         )
-    items = items.reset_index(drop=True).copy()
+    items = _base_order(items, "item_id", base.item_keys if base else None)
     items.insert(0, "item_key", np.arange(1, len(items) + 1, dtype=np.int64))
-    item_vocab = Vocab.from_counts(item_counts, min_count)
+    b = base.vocabs if base else {}
+    item_vocab = Vocab.from_counts(item_counts, min_count, b.get("item"))
     items["item_idx"] = item_vocab.lookup(items["item_id"])
-    cat_vocab = Vocab.from_values(items["category"].astype(str))
-    brand_vocab = Vocab.from_values(items["brand"].astype(str))
+    cat_vocab = Vocab.from_values(items["category"].astype(str), b.get("category"))
+    brand_vocab = Vocab.from_values(items["brand"].astype(str), b.get("brand"))
     items["cat_idx"] = cat_vocab.lookup(items["category"].astype(str))
     items["brand_idx"] = brand_vocab.lookup(items["brand"].astype(str))
     toks = tokenize(items["title"].fillna(""))
     word_counts = pd.Series([w for t in toks for w in t], dtype=object).value_counts()
-    word_vocab = Vocab.from_counts(word_counts, 1)
+    word_vocab = Vocab.from_counts(word_counts, 1, b.get("title_word"))
     items["title_tokens"] = list(encode_titles(toks, word_vocab, title_len))
     items["first_seen_ts"] = pd.to_numeric(items["first_seen_ts"], errors="coerce").fillna(-1).astype(np.int64)
 
     extra_users = pd.Index(event_user_ids).difference(pd.Index(users["user_id"]))
     if len(extra_users):
         users = pd.concat([users, pd.DataFrame({"user_id": extra_users})], ignore_index=True)
-    users = users.reset_index(drop=True).copy()
+    users = _base_order(users, "user_id", base.user_keys if base else None)
     users.insert(0, "user_key", np.arange(1, len(users) + 1, dtype=np.int64))
-    user_vocab = Vocab.from_counts(user_counts, min_count)
+    user_vocab = Vocab.from_counts(user_counts, min_count, b.get("user"))
     users["user_idx"] = user_vocab.lookup(users["user_id"])
     profile = [c for c in users.columns if c not in _PROFILE_SKIP | {"user_key", "user_idx"}]
     vocabs = {"category": cat_vocab.to_list(), "brand": brand_vocab.to_list(), "title_word": word_vocab.to_list()}
     for c in profile:
-        v = Vocab.from_values(users[c].astype(str))
+        v = Vocab.from_values(users[c].astype(str), b.get(f"user.{c}"))
         users[f"u_{c}_idx"] = v.lookup(users[c].astype(str))
         vocabs[f"user.{c}"] = v.to_list()
     return Catalog(

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from configs import FunnelConfig
-from pipeline.catalog import Catalog, FeatureTables, build_catalog, finalize
+from pipeline.catalog import BaseVocabs, Catalog, FeatureTables, build_catalog, finalize
 from pipeline.examples import (
     DEFAULT_PRIOR,
     ExampleContext,
@@ -131,10 +131,13 @@ def id_counts(df: pd.DataFrame, key: str, t_val: int) -> pd.DataFrame:
 
 def _catalog(plan: Plan, items: pd.DataFrame, users: pd.DataFrame) -> Catalog:
     """`items`/`users`: per-id counts indexed by id (from `id_counts`, summed)."""
+    d = plan.cfg.data
+    if d.vocab_from and Path(d.vocab_from).resolve() == Path(d.output).resolve():
+        raise ValueError(f"data.vocab_from is data.output ({d.output}): extend an earlier ingest, into a new folder")
     return build_catalog(
         plan.items, plan.users, items.index.to_numpy(), users.index.to_numpy(),
         items["train_exp"][items["train_exp"] > 0], users["train_exp"][users["train_exp"] > 0],
-        plan.cfg.data.min_count, plan.cfg.data.title_len,
+        d.min_count, d.title_len, BaseVocabs.load(d.vocab_from) if d.vocab_from else None,
     )
 
 

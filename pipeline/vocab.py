@@ -3,6 +3,13 @@
 A value gets its own id only when it was seen at least `min_count` times in
 the training period; everything else (rare, or first seen in val/test — a new
 user, a cold item) maps to OOV = 1, so no id leaks from the future.
+
+A retrain on newer logs can *extend* an earlier ingest's vocabularies (`base`, data.vocab_from):
+every value the earlier one knew keeps its id, new values are appended after them. A model
+trained on the earlier ingest then still reads its own ids from the new one, and an id past its
+tables reads as OOV (models.spec.FeatureSpec.fit_ids): what a frozen model in production does
+when the vocabulary grows. Without it, ids follow the new frequency order, and a model that was
+not retrained would read other items' embeddings.
 """
 
 from __future__ import annotations
@@ -21,15 +28,22 @@ class Vocab:
     values: pd.Index  # known values; value values[j] has id j + 2
 
     @classmethod
-    def from_counts(cls, counts: pd.Series, min_count: int = 1) -> Vocab:
+    def from_counts(cls, counts: pd.Series, min_count: int = 1, base=None) -> Vocab:
+        """Values seen ≥ min_count times, most frequent first (ties by value: deterministic); after
+        `base`'s values, in base's order, when given (an extended vocabulary: base ids stay)."""
         kept = counts[counts >= min_count]
-        # most frequent first, ties by value: deterministic
+        if base is not None:
+            base = pd.Index(base)
+            kept = kept[~kept.index.isin(base)]
         order = np.lexsort((kept.index.astype(str).to_numpy(), -kept.to_numpy()))
-        return cls(pd.Index(kept.index.to_numpy()[order]))
+        new = kept.index.to_numpy()[order]
+        if base is None:
+            return cls(pd.Index(new))
+        return cls(base.append(pd.Index(new)))
 
     @classmethod
-    def from_values(cls, values) -> Vocab:
-        return cls.from_counts(pd.Series(values).value_counts(), 1)
+    def from_values(cls, values, base=None) -> Vocab:
+        return cls.from_counts(pd.Series(values).value_counts(), 1, base)
 
     @property
     def size(self) -> int:

@@ -133,11 +133,13 @@ class FeatureStore:
 
     def ranking_batch(self, user_key: int, hist: np.ndarray, item_keys: np.ndarray, ts: int | None,
                       position: int = 0, seq_len: int | None = None,
-                      hist_ts: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+                      hist_ts: np.ndarray | None = None, spec: FeatureSpec | None = None) -> dict[str, torch.Tensor]:
         """C rows (one per candidate) in the model batch format of models/spec.py, built by the training
         path's code from the state as of ts (None: now): `FeatureState.rows` → `RankingBatcher.features`.
         `hist`: the request's history (`user_history_ts`), cut to `seq_len` (the model's own); `hist_ts`:
-        each entry's click time, for the behaviors' age (None: unknown); `position`: the 0-based slot."""
+        each entry's click time, for the behaviors' age (None: unknown); `position`: the 0-based slot;
+        `spec`: the model's, when it was trained on an earlier ingest whose vocabularies this data
+        extends (ids past its tables read as OOV, `FeatureSpec.fit_ids`)."""
         b = self.batcher(seq_len)
         ts = _now(ts)
         item_keys = np.asarray(item_keys, dtype=np.int64)
@@ -145,7 +147,8 @@ class FeatureStore:
             raise ValueError(f"hist_ts has {len(hist_ts)} times for a history of {len(hist)}")
         rows = self.state.user_rows(int(user_key), item_keys, ts, position)  # the history is the request's
         times = np.zeros(len(hist), np.int64) if hist_ts is None else hist_ts
-        return b.features(rows, b.history_arrays(hist, times, len(item_keys)))
+        batch = b.features(rows, b.history_arrays(hist, times, len(item_keys)))
+        return spec.fit_ids(batch) if spec is not None and spec.categorical != self.spec.categorical else batch
 
 
 def _now(ts: int | None) -> int:

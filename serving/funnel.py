@@ -45,7 +45,8 @@ class Retriever:
         """(B, d) user vectors of B requests in one forward pass (`ts`: each request's time; None = now)."""
         if hasattr(self.model, "encode_item_table"):  # two-tower: the user tower reads a full row
             ts = ts or [None] * len(user_keys)
-            rows = [self.store.ranking_batch(u, h, np.zeros(1, dtype=np.int64), ts=t, seq_len=self.model.spec.seq_len)
+            rows = [self.store.ranking_batch(u, h, np.zeros(1, dtype=np.int64), ts=t,
+                                             seq_len=self.model.spec.seq_len, spec=self.model.spec)
                     for u, h, t in zip(user_keys, hists, ts, strict=True)]
             return self.model.encode_users({k: torch.cat([r[k] for r in rows]) for k in rows[0]}).numpy()
         padded = [self.store.padded(h, self.model.max_history) for h in hists]
@@ -106,7 +107,7 @@ class Preranker:
         keys = cands.keys[idx]
         if not len(keys):
             return Scored(keys, cands.scores[idx], idx)
-        rows = self.store.ranking_batch(user_key, hist, keys, ts, seq_len=self.model.spec.seq_len)
+        rows = self.store.ranking_batch(user_key, hist, keys, ts, seq_len=self.model.spec.seq_len, spec=self.model.spec)
         cache = self._cache(user_key, hist, rows)
         cand = {k: v for k, v in rows.items() if not k.startswith("hist_")}
         s = self.model.score(cache, cand).float().numpy() + self.w * cands.scores[idx]
@@ -124,7 +125,8 @@ class Ranker:
         each, one forward pass."""
         sizes = [len(r[2]) for r in reqs]
         rows = [self.store.ranking_batch(r[0], r[1], np.asarray(r[2], dtype=np.int64), r[4],
-                                         seq_len=self.model.spec.seq_len, hist_ts=r[5] if len(r) > 5 else None)
+                                         seq_len=self.model.spec.seq_len, hist_ts=r[5] if len(r) > 5 else None,
+                                         spec=self.model.spec)
                 for r in reqs if len(r[2])]
         p = np.zeros(0, np.float32)
         if rows:

@@ -192,7 +192,7 @@ def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc",
     decision: dict[str, Any] = {"model": name, "version": int(mv.version), "metric": metric, "value": value,
                                 "dataset_fingerprint": fp}
     # to take `challenger` a version must beat the champion and the current challenger
-    reasons = []
+    reasons, replaced = [], []
     for alias in ("champion", "challenger"):
         try:
             other = client.get_model_version_by_alias(name, alias)
@@ -203,6 +203,7 @@ def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc",
         o_val = o_run.data.metrics.get(metric, float("nan"))
         if o_fp != fp:
             if alias != "champion":
+                replaced.append(f"challenger v{other.version} from another dataset ({o_fp})")
                 continue  # a challenger from other data is simply replaced
             if reevaluate is None:
                 reasons.append(f"champion was tested on another dataset ({o_fp} != {fp}) and no re-evaluation "
@@ -220,8 +221,8 @@ def register_with_gate(model_name: str, run_id: str, metric: str = "test_auc",
         decision |= {"challenger": False, "reason": "; ".join(reasons)}
     else:
         beaten = [f"{a} {decision[a + '_value']:.5f}" for a in ("champion", "challenger") if f"{a}_value" in decision]
-        decision |= {"challenger": True, "reason": f"{metric} {value:.5f} > " + ", ".join(beaten) if beaten
-                     else "no champion or challenger yet"}
+        why = f"{metric} {value:.5f} > " + ", ".join(beaten) if beaten else "no champion yet"
+        decision |= {"challenger": True, "reason": "; ".join([why, *(f"replaces the {r}" for r in replaced)])}
     if decision["challenger"]:
         client.set_registered_model_alias(name, "challenger", mv.version)
     for k, v in decision.items():

@@ -111,14 +111,21 @@ def task_from_config(model: str, data_dir: str | Path, train) -> RankingTask | R
 
 def evaluate_split(task: RankingTask | RetrievalTask, model: nn.Module, data_dir: str | Path, split: str,
                    batch_size: int = 1024) -> dict[str, float]:
-    """`task.evaluate` over a whole split of the ingest output, in this process (no Ray)."""
+    """`task.evaluate` over a whole split of the ingest output, in this process (no Ray). A model
+    trained on an earlier ingest (the registry gate's champion) reads ids past its tables as OOV
+    (`FeatureSpec.fit_ids`; the data extended its vocabularies, data.vocab_from)."""
     import pyarrow.dataset as pads
 
+    from models.spec import FeatureSpec
+
     ds = pads.dataset(str(Path(data_dir) / task.folder / f"split={split}"), format="parquet")
+    spec = getattr(model, "spec", None)
+    fit = isinstance(spec, FeatureSpec) and isinstance(task, RankingTask)
 
     def batches():
         for rb in ds.to_batches(batch_size=batch_size):
             if rb.num_rows:
-                yield task.batcher({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
+                b = task.batcher({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
+                yield spec.fit_ids(b) if fit else b
 
     return task.evaluate(model, batches())
