@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         "to the pre-ranker and the ranker (item_idx: the behaviors' item ids too)")
     p.add_argument("--out", default="benchmarks/out/ab_headroom.json")
     a = p.parse_args(argv)
-    from jobs.abtest import schedule
+    from abtest.traffic import schedule
     from pipeline.world import get_world
     from training.registry import setup_tracking
 

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         urls = {"given": a.url} if a.url else {}
         if not a.url:
-            from jobs.abtest import deploy, served_url
+            from serving.deploy import deploy, served_url
 
             init_ray()
             vcfg = load_config(a.config, [o for o in variant.split(",") if o])

@@ -77,7 +77,7 @@ def confounding(world, store, root: Path, n_users: int, seed: int) -> dict[str, 
 def served_ctr(world, store, rankers: dict, n_users: int, k: int, seed: int) -> dict[str, dict[str, float]]:
     """True CTR of each ranker's top k over the catalogue, per user at one A/B-time request
     (mean over positions 0..k-1), paired with popularity's top k and the world's own top k."""
-    from jobs.abtest import schedule
+    from abtest.traffic import schedule
     from serving.funnel import Ranker
 
     keys = np.arange(1, len(store.item_id))

@@ -237,7 +237,7 @@ class ServeConfig:
 @dataclass
 class ABTestConfig:
     num_users: int = 500
-    requests_per_user: int = 4  # per simulated user, in sessions like the log's (see jobs/abtest.py)
+    requests_per_user: int = 4  # per simulated user, in sessions like the log's (see abtest/traffic.py)
     salt: str = "funnel-ab"
     arms: dict[str, int] = field(default_factory=lambda: {"control": 50, "treatment": 50})
     # what each arm serves: "popularity" or "funnel@<registry alias>"

@@ -58,7 +58,7 @@ def serve_startup_env() -> None:
     - Serve's HTTP proxy must report ready within 5 s by default; on a busy 2-core machine
       importing it takes longer and Serve kills and restarts it forever. Give it a minute.
     - Direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS`, a Ray Serve feature flag): the ingress
-      replica serves HTTP on its own port (from 30000; `jobs.abtest.served_url` finds it), so a
+      replica serves HTTP on its own port (from 30000; `serving.deploy.served_url` finds it), so a
       request skips the proxy and its actor call — 8.9 ms of CPU per /rank request on 2 cores
       (benchmarks/RESULTS.md, "Serving load"). The proxy still answers on serve.port. Its drain
       period at shutdown (30 s by default) is cut to 2 s: a redeploy need not wait for a load

@@ -114,7 +114,7 @@ def stage_index(cfg: FunnelConfig) -> dict:
 
 
 def stage_deploy(cfg: FunnelConfig) -> dict:
-    from jobs.abtest import deploy, served_url
+    from serving.deploy import deploy, served_url
 
     url = deploy(cfg)
     print(f"[e2e] the funnel answers at {url} (Serve's proxy: {served_url(cfg, 'proxy')})", flush=True)
@@ -122,7 +122,8 @@ def stage_deploy(cfg: FunnelConfig) -> dict:
 
 
 def stage_abtest(cfg: FunnelConfig) -> dict:
-    from jobs.abtest import deploy, run_abtest
+    from abtest.experiment import run_abtest
+    from serving.deploy import deploy
 
     url = _running_url(cfg) or deploy(cfg)
     res = run_abtest(cfg, url)
@@ -130,7 +131,7 @@ def stage_abtest(cfg: FunnelConfig) -> dict:
 
 
 def stage_promote(cfg: FunnelConfig) -> dict:
-    from jobs.promote import promote
+    from abtest.promotion import promote
 
     res = promote(cfg, json.loads((Path("runs") / "abtest" / "last.json").read_text()))
     print(json.dumps(res), flush=True)
@@ -144,7 +145,7 @@ def _running_url(cfg: FunnelConfig) -> str | None:
         apps = serve.status().applications
     except Exception:  # Serve not started in this cluster
         return None
-    from jobs.abtest import served_url
+    from serving.deploy import served_url
 
     return served_url(cfg) if "funnel" in apps else None
 

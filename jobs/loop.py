@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from configs import FunnelConfig
@@ -63,22 +62,12 @@ def horizon(world, r: int) -> tuple[int, int]:
     return world.log_end_ts + (r - 1) * span, world.log_end_ts + r * span
 
 
-def round_metrics(world, events: pd.DataFrame, arms: list[str], catalogue: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per arm: the world's true CTR of its impressions and their concentration (serving/abtest.py)."""
-    from serving.abtest import exposure_concentration, true_ctr
-
-    out = {}
-    for a in arms:
-        ev = events[events["arm"] == a]
-        imp = ev[ev["event"] == "impression"]
-        out[a] = {"true_ctr": true_ctr(world, ev), **exposure_concentration(imp["item_id"].to_numpy(), catalogue)}
-    return out
-
-
 def run_round(cfg: FunnelConfig, r: int, folder: Path, retrain: list[str], world) -> dict[str, Any]:
-    from jobs.abtest import deploy, run_abtest
+    from abtest.experiment import run_abtest
+    from abtest.promotion import promote
+    from abtest.rounds import round_metrics
     from jobs.e2e import stage_index, stage_ingest, stage_train
-    from jobs.promote import promote
+    from serving.deploy import deploy
     from serving.router import read_events
 
     rc = round_config(cfg, r, folder)
@@ -110,38 +99,6 @@ def run_round(cfg: FunnelConfig, r: int, folder: Path, retrain: list[str], world
     return out
 
 
-def table(rounds: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (round, arm), with the lifts against round 1 of the same arm."""
-    rows = [{"round": x["round"], "arm": a, **m} for x in rounds for a, m in x["arms"].items()]
-    df = pd.DataFrame(rows)
-    first = df[df["round"] == df["round"].min()].set_index("arm")
-    for c in ("ctr", "true_ctr"):
-        df[f"{c}_vs_round1"] = df[c] / df["arm"].map(first[c]) - 1
-    return df
-
-
-def plot(df: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = [("ctr", "logged CTR"), ("true_ctr", "world's true CTR"), ("gini", "Gini of item exposures"),
-            ("top1_share", "top-1% items' share"), ("coverage", "catalogue coverage")]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2))
-    for ax, (c, title) in zip(axes, cols, strict=True):
-        for arm, g in df.groupby("arm"):
-            ax.plot(g["round"], g[c], marker="o", label=arm)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("round")
-        ax.set_xticks(sorted(df["round"].unique()))
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def run_loop(cfg: FunnelConfig, rounds: int, retrain: list[str] | None = None, bootstrap: bool = True,
              folder: Path | None = None) -> dict[str, Any]:
     import mlflow
@@ -168,6 +125,8 @@ def run_loop(cfg: FunnelConfig, rounds: int, retrain: list[str] | None = None, b
         stage_ingest(cfg)
         stage_train(cfg)
         stage_index(cfg)
+    from abtest.rounds import loop_markdown, plot, table
+
     done = []
     for r in range(1, rounds + 1):
         done.append(run_round(cfg, r, folder, retrain, world))
@@ -187,18 +146,6 @@ def run_loop(cfg: FunnelConfig, rounds: int, retrain: list[str] | None = None, b
                 mlflow.log_metric(f"{row.arm}_{c}", float(getattr(row, c)), step=int(row.round))
     print(md, flush=True)
     return {"rounds": done, "table": df, "seconds": time.time() - t0}
-
-
-def loop_markdown(df: pd.DataFrame, rounds: list[dict[str, Any]], seconds: float) -> str:
-    cols = ["round", "arm", "impressions", "ctr", "true_ctr", "gini", "top1_share", "coverage", "ctr_vs_round1",
-            "true_ctr_vs_round1"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
-    for row in df[cols].itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    promoted = [f"round {x['round']}: " + ("promoted to champion" if x["promote"]["promoted"] else "not promoted")
-                + (f" (gate: {x['gate']})" if x.get("gate") else "") for x in rounds]
-    return (f"# Closed loop: {len(rounds)} rounds in {seconds / 60:.1f} min\n\n" + "\n".join(lines)
-            + "\n\n" + "; ".join(promoted) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,29 +32,35 @@ import pyarrow.parquet as pq
 from configs import FunnelConfig
 from pipeline.catalog import BaseVocabs, Catalog, FeatureTables, build_catalog, finalize
 from pipeline.examples import (
-    DEFAULT_PRIOR,
     ExampleContext,
-    PastPrior,
     annotate_user_events,
     assign_split,
-    daily_counts,
     item_counters,
     numpy_frame,
 )
 from pipeline.outputs import (
-    NUMERIC_FIELDS,
     click_rows,
-    combine_moments,
-    combine_summary,
-    numeric_moments,
     output_folder,
-    partial_summary,
     ranking_rows,
     retrieval_rows,
     write_meta,
 )
+from pipeline.partials import (
+    OUTPUT_STAT_COLUMNS,
+    USER_PASS_STAT_COLUMNS,
+    both_id_counts,
+    combine_id_counts,
+    combine_output_stats,
+    combine_user_pass,
+    combine_validated,
+    examples_mask,
+    id_counts,
+    output_stats,
+    user_pass_stats,
+    validated_stats,
+)
 from pipeline.readers import RawTables
-from pipeline.state import STATE_COLUMNS, combine_state, state_partials, write_state
+from pipeline.state import write_state
 from pipeline.validate import (
     CORE_EVENT_KINDS,
     EventRules,
@@ -63,8 +69,6 @@ from pipeline.validate import (
     validate_events,
     validate_table,
 )
-
-EXPOSURE_KINDS = ("impression", "click")
 
 
 @dataclass
@@ -112,23 +116,6 @@ def split_times(t_min: int, t_max: int, val_frac: float, test_frac: float) -> tu
     return int(t_min + span * (1 - val_frac - test_frac)), int(t_min + span * (1 - test_frac))
 
 
-def id_counts(df: pd.DataFrame, key: str, t_val: int) -> pd.DataFrame:
-    """Per-id partial counts of one batch: all events, train exposures, train clicks.
-
-    Summed over batches (Ray groupby-sum, or pandas), this gives the distinct ids
-    and the train-period counts the vocabularies and the popularity sampler need —
-    catalogue-sized, never event-sized, on the driver."""
-    df = numpy_frame(df)
-    train = df["ts"].to_numpy() < t_val
-    ev = df["event"].to_numpy()
-    return pd.DataFrame({
-        key: df[key].to_numpy(),
-        "n": np.ones(len(df), dtype=np.int64),
-        "train_exp": (train & np.isin(ev, EXPOSURE_KINDS)).astype(np.int64),
-        "train_click": (train & (ev == "click")).astype(np.int64),
-    }).groupby(key, as_index=False, sort=False).sum()
-
-
 def _catalog(plan: Plan, items: pd.DataFrame, users: pd.DataFrame) -> Catalog:
     """`items`/`users`: per-id counts indexed by id (from `id_counts`, summed)."""
     d = plan.cfg.data
@@ -164,14 +151,9 @@ def _keyed(df: pd.DataFrame, item_index: pd.Index, user_index: pd.Index, buckets
     return out
 
 
-def _examples_mask(df: pd.DataFrame) -> np.ndarray:
-    """The user pass's rows that become examples: exposures, duplicates dropped."""
-    return df["is_exposure"].to_numpy().astype(bool) & ~df["dup"].to_numpy().astype(bool)
-
-
 def _split_and_bucket(df: pd.DataFrame, t_val: int, t_test: int, buckets: int) -> pd.DataFrame:
     df = numpy_frame(df)
-    out = df[_examples_mask(df)].copy()
+    out = df[examples_mask(df)].copy()
     out["split"] = assign_split(out["ts"].to_numpy(), t_val, t_test)
     out["ibucket"] = out["item_key"] % buckets
     return out
@@ -393,69 +375,3 @@ def _partials(ds, fn, **kwargs) -> list:
 
     blobs = ds.map_batches(run, batch_format="pandas", batch_size=None).to_pandas()["blob"]
     return [pickle.loads(b) for b in blobs]
-
-
-def validated_stats(df: pd.DataFrame) -> dict[str, Any]:
-    """Rows, reject reasons, and the accepted rows' time range of one validated block."""
-    reason = np.asarray(df["reject_reason"].to_numpy(), dtype=object)
-    ok = reason == ""
-    ts = np.asarray(df["ts"].to_numpy())[ok]
-    return {"rows": len(df), "accepted": int(ok.sum()), "reasons": pd.Series(reason[~ok]).value_counts(),
-            "ts_min": int(ts.min()) if len(ts) else None, "ts_max": int(ts.max()) if len(ts) else None}
-
-
-def combine_validated(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    mins = [p["ts_min"] for p in parts if p["ts_min"] is not None]
-    maxs = [p["ts_max"] for p in parts if p["ts_max"] is not None]
-    reasons = pd.concat([p["reasons"] for p in parts]).groupby(level=0).sum() if parts else pd.Series(dtype=np.int64)
-    return {"rows": sum(p["rows"] for p in parts), "accepted": sum(p["accepted"] for p in parts),
-            "rejected": int(reasons.sum()), "reasons": reasons.astype(np.int64),
-            "ts_min": min(mins) if mins else 0, "ts_max": max(maxs) if maxs else 0}
-
-
-def both_id_counts(df: pd.DataFrame, t_val: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return id_counts(df, "item_id", t_val), id_counts(df, "user_id", t_val)
-
-
-def combine_id_counts(parts: list[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-id counts summed over blocks, indexed by id (as `id_counts(...).set_index(key)`)."""
-    items = pd.concat([p[0] for p in parts], ignore_index=True).groupby("item_id").sum()
-    users = pd.concat([p[1] for p in parts], ignore_index=True).groupby("user_id").sum()
-    return items, users
-
-
-USER_PASS_STAT_COLUMNS = list(dict.fromkeys(["dup", "is_exposure", "ts", "label", "event", "click_ts", *STATE_COLUMNS]))
-
-
-def user_pass_stats(df: pd.DataFrame, t_val: int, t_test: int, as_of: int) -> dict[str, Any]:
-    """Duplicates, the daily counts behind the past-only prior, the train CTR and the online-state
-    partials (pipeline/state.py, as of `as_of`) of one block of the user pass's output (its exposures:
-    what `_split_and_bucket` keeps)."""
-    df = numpy_frame(df)
-    exp = df[_examples_mask(df)]
-    train = assign_split(exp["ts"].to_numpy(), t_val, t_test) == "train"
-    return {"duplicates": int(df["dup"].to_numpy().astype(bool).sum()), "daily": daily_counts(exp),
-            "train_rows": int(train.sum()), "train_clicks": int(exp["label"].to_numpy()[train].sum()),
-            "state": state_partials(df, as_of)}
-
-
-def combine_user_pass(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    n, clicks = sum(p["train_rows"] for p in parts), sum(p["train_clicks"] for p in parts)
-    return {"duplicates": sum(p["duplicates"] for p in parts), "prior": clicks / n if n else DEFAULT_PRIOR,
-            "past_prior": PastPrior.from_counts(pd.concat([p["daily"] for p in parts], ignore_index=True)),
-            "state": combine_state([p["state"] for p in parts])}
-
-
-OUTPUT_STAT_COLUMNS = ["split", "label", "ts", "user_key", "item_key", "seq_len_long", *NUMERIC_FIELDS]
-
-
-def output_stats(df: pd.DataFrame) -> dict[str, Any]:
-    return {"summary": partial_summary(df), "moments": numeric_moments(df),
-            "users": np.unique(df["user_key"].to_numpy()), "items": np.unique(df["item_key"].to_numpy())}
-
-
-def combine_output_stats(parts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
-    summary = combine_summary(pd.concat([p["summary"] for p in parts], ignore_index=True)) | {
-        "users": len(np.unique(np.concatenate([p["users"] for p in parts]))),
-        "items": len(np.unique(np.concatenate([p["items"] for p in parts])))}
-    return summary, combine_moments(pd.concat([p["moments"] for p in parts], ignore_index=True))

@@ -105,7 +105,7 @@ def test_pre_period_ctr_is_each_users_logged_ctr_shrunk_to_the_mean(tiny_process
     """The A/B's CUPED covariate: CTR over the logged impressions, per user_id, before the test."""
     import pandas as pd
 
-    from serving.abtest import pre_period_ctr
+    from abtest.analysis import pre_period_ctr
 
     x = pre_period_ctr(tiny_processed, prior=20.0)
     rows = pd.read_parquet(tiny_processed / "ranking", columns=["label", "user_key", "is_sampled_negative"])

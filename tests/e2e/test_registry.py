@@ -90,7 +90,7 @@ def test_promotion_moves_champion_to_the_versions_the_ab_served(cfg, data_dir):
     """A significant lift promotes what the A/B tested, even if `challenger` moved since; none moves otherwise."""
     import mlflow
 
-    from jobs.promote import promote
+    from abtest.promotion import promote
     from training.registry import registered_name
 
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, retriever="dcnv2", preranker="dcnv2",

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.abtest import analyse, report_markdown
+from abtest.analysis import analyse, report_markdown
 from serving.router import ArmRouter, EventLog, bucket, read_events
 
 
@@ -80,7 +80,7 @@ def test_event_log_is_in_the_canonical_format(tmp_path):
 
 def test_the_versions_promoted_are_the_ones_the_exposures_record():
     """Each exposure names the versions that served it; one set throughout → that set, else none."""
-    from jobs.abtest import served_versions
+    from abtest.analysis import served_versions
 
     a, b = "funnel-karma/1,funnel-lrea/1,funnel-cdnet/2", "funnel-karma/1,funnel-lrea/1,funnel-cdnet/3"
     ev = pd.DataFrame([{"event": "impression", "arm": "treatment", "model_versions": a},
@@ -107,8 +107,8 @@ def test_served_requests_claim_each_position_once_and_forget_the_oldest():
 
 
 def test_ab_schedule_is_sessions_inside_the_ab_horizon():
+    from abtest.traffic import schedule
     from configs import WorldConfig
-    from jobs.abtest import schedule
     from pipeline.world import get_world
 
     world = get_world(WorldConfig())
@@ -175,7 +175,7 @@ def test_cuped_null_ci_coverage_over_repeats():
 
 
 def test_exposure_concentration_over_the_catalogue():
-    from serving.abtest import exposure_concentration
+    from abtest.analysis import exposure_concentration
 
     cat = np.arange(1, 201)
     even = exposure_concentration(np.repeat(cat, 3), cat)
@@ -188,8 +188,9 @@ def test_exposure_concentration_over_the_catalogue():
 
 
 def test_loop_horizons_follow_each_other_and_lifts_are_against_round_one():
+    from abtest.rounds import table
     from configs import WorldConfig
-    from jobs.loop import horizon, table
+    from jobs.loop import horizon
     from pipeline.world import get_world
 
     world = get_world(WorldConfig())

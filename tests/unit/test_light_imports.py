@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 DATA_WORKER_MODULES = [
-    "configs", "pipeline.ingest", "pipeline.outputs", "pipeline.examples", "pipeline.catalog",
+    "configs", "pipeline.ingest", "pipeline.partials", "pipeline.outputs", "pipeline.examples", "pipeline.catalog",
     "pipeline.validate", "pipeline.readers", "pipeline.simulator", "pipeline.world", "models.spec",
     "models.configs",
 ]

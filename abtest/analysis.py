@@ -1,9 +1,4 @@
-"""The simulated A/B: simulated users request /recommend, the world's click model answers.
-
-The same ground-truth world that generated the training logs (pipeline/world.py) decides
-each click: P(click | user state at ts, item, position). Requests fall inside the A/B
-horizon after the log (`world.ab_days`), so the users' interests have moved on since
-training, as in production.
+"""The A/B's analysis, from the served event log (abtest/traffic.py drives the traffic).
 
 Analysis (vectorised over users, the randomisation unit — buckets are per user):
 - per arm: users, requests, impressions, clicks, CTR = Σclicks / Σimpressions, clicks per request;
@@ -237,3 +232,16 @@ def true_ctr(world, events: pd.DataFrame) -> float:
     p = world.click_probabilities(imp["user_id"].astype(np.int64).to_numpy(), imp["item_id"].astype(np.int64).to_numpy(),
                                   imp["position"].astype(np.int64).to_numpy(), imp["ts"].astype(np.int64).to_numpy())
     return float(np.mean(p))
+
+
+def served_versions(events, arm: str) -> dict[str, Any]:
+    """The model versions that served `arm`, from its logged exposures (never from the alias,
+    which may have moved during the test): `treatment_version_sets` lists every distinct set;
+    `treatment_versions` is {registered name: version} when exactly one set served throughout,
+    else {} (promotion then refuses)."""
+    imp = events[(events["event"] == "impression") & (events["arm"] == arm)]
+    sets = sorted({str(v) for v in imp["model_versions"].fillna("")}) if "model_versions" in imp else []
+    one = {}
+    if len(sets) == 1 and sets[0]:
+        one = dict(x.rsplit("/", 1) for x in sets[0].split(","))
+    return {"treatment_version_sets": sets, "treatment_versions": one}

@@ -1,0 +1,67 @@
+"""The closed loop's figures (jobs.loop runs the rounds): per round and arm, the world's true CTR of
+the served slates and their exposure concentration; the table with the lifts against round 1,
+its markdown and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from abtest.analysis import exposure_concentration, true_ctr
+
+
+def round_metrics(world, events: pd.DataFrame, arms: list[str], catalogue: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per arm: the world's true CTR of its impressions and their concentration (abtest/analysis.py)."""
+    out = {}
+    for a in arms:
+        ev = events[events["arm"] == a]
+        imp = ev[ev["event"] == "impression"]
+        out[a] = {"true_ctr": true_ctr(world, ev), **exposure_concentration(imp["item_id"].to_numpy(), catalogue)}
+    return out
+
+
+def table(rounds: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (round, arm), with the lifts against round 1 of the same arm."""
+    rows = [{"round": x["round"], "arm": a, **m} for x in rounds for a, m in x["arms"].items()]
+    df = pd.DataFrame(rows)
+    first = df[df["round"] == df["round"].min()].set_index("arm")
+    for c in ("ctr", "true_ctr"):
+        df[f"{c}_vs_round1"] = df[c] / df["arm"].map(first[c]) - 1
+    return df
+
+
+def plot(df: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [("ctr", "logged CTR"), ("true_ctr", "world's true CTR"), ("gini", "Gini of item exposures"),
+            ("top1_share", "top-1% items' share"), ("coverage", "catalogue coverage")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2))
+    for ax, (c, title) in zip(axes, cols, strict=True):
+        for arm, g in df.groupby("arm"):
+            ax.plot(g["round"], g[c], marker="o", label=arm)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_xticks(sorted(df["round"].unique()))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loop_markdown(df: pd.DataFrame, rounds: list[dict[str, Any]], seconds: float) -> str:
+    cols = ["round", "arm", "impressions", "ctr", "true_ctr", "gini", "top1_share", "coverage", "ctr_vs_round1",
+            "true_ctr_vs_round1"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    for row in df[cols].itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    promoted = [f"round {x['round']}: " + ("promoted to champion" if x["promote"]["promoted"] else "not promoted")
+                + (f" (gate: {x['gate']})" if x.get("gate") else "") for x in rounds]
+    return (f"# Closed loop: {len(rounds)} rounds in {seconds / 60:.1f} min\n\n" + "\n".join(lines)
+            + "\n\n" + "; ".join(promoted) + "\n")
