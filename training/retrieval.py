@@ -107,8 +107,8 @@ def item_vectors(model, cat: Catalogue, device: str = "cpu", chunk: int = 65_536
         k = keys[i:i + chunk]
         if hasattr(model, "encode_item_table"):  # the two-tower: item-side fields
             kc = k.cpu().numpy()
-            out.append(model.encode_item_table({f: torch.as_tensor(cat.features[f][kc], device=device)
-                                                for f in model.item_fields}))
+            out.append(model.encode_item_table(_fit_ids(model, {f: torch.as_tensor(cat.features[f][kc], device=device)
+                                                                for f in model.item_fields})))
         else:  # KARMA: item text
             out.append(model.encode_items(k))
     return torch.cat(out)
@@ -117,8 +117,16 @@ def item_vectors(model, cat: Catalogue, device: str = "cpu", chunk: int = 65_536
 def user_vectors(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, d) user embeddings from a retrieval batch."""
     if hasattr(model, "encode_item_table"):
-        return model.encode_users(batch)
+        return model.encode_users(_fit_ids(model, batch))
     return model.encode_users(batch["hist_item_key"], batch["hist_len"])
+
+
+def _fit_ids(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The two-tower's id fields fitted to its own tables (`FeatureSpec.fit_ids`): a model trained on an
+    earlier ingest, indexed or scored on one that extended its vocabularies (the gate's re-evaluation
+    of a champion, a retriever the closed loop did not retrain), reads a new id as OOV. KARMA reads
+    item keys and titles, which an extending ingest keeps."""
+    return model.spec.fit_ids(batch)
 
 
 def collapse_stats(users: np.ndarray, max_users: int = 2_000) -> dict[str, float]:

@@ -416,3 +416,25 @@ def test_karma_step_count_is_checkpointed_so_a_resumed_fit_keeps_its_schedule(ti
     legacy.load_state_dict(old)
     assert not legacy.in_warmup and legacy.loss_weights() == karma(
         titles, warmup_steps=0, lam_dec_ramp_steps=0).loss_weights()
+
+
+def test_two_tower_reads_ids_past_its_tables_as_oov(spec):
+    """A two-tower trained on an earlier ingest, indexed or re-evaluated (the registry gate) on a later
+    one that extended the vocabularies: the new ids read as OOV, not an IndexError (the small
+    world's closed loop failed so in round 2)."""
+    from training.retrieval import user_vectors
+
+    m = TwoTower(spec, TwoTowerConfig.tiny()).eval()
+    b = make_batch(spec)
+    grown = dict(b)
+    grown["item_idx"] = b["item_idx"].clone()
+    grown["item_idx"][:3] = spec.categorical["item_idx"] + 7
+    grown["hist_item_idx"] = b["hist_item_idx"].clone()
+    grown["hist_item_idx"][:, -1] = torch.where(b["hist_len"] > 0, spec.categorical["item_idx"] + 2, 0)
+    as_oov = spec.fit_ids(grown)
+    assert (as_oov["item_idx"][:3] == 1).all()
+    with torch.inference_mode():
+        torch.testing.assert_close(user_vectors(m, grown), user_vectors(m, as_oov))
+        items = {f: grown[f] for f in m.item_fields}
+        torch.testing.assert_close(m.encode_item_table(spec.fit_ids(items)),
+                                   m.encode_item_table({f: as_oov[f] for f in m.item_fields}))
