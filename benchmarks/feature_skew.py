@@ -6,9 +6,10 @@ The training path builds the ingest's logged test rows with the training batcher
 rebuilds the same (user, item, ts) rows the way the server does: the online state starts from a
 snapshot at the start of the test period and the log after it is replayed through the online
 updates, each request's rows built before its own events (serving/parity.py). Every registered
-ranking model (funnel-<name> at `--alias`, else its latest version) scores both; the table gives
-each model's two AUCs, their difference and the largest difference of one probability. The same
-check runs on the tiny world in `make test` (tests/data/test_feature_parity.py). Writes JSON (`--out`).
+ranking model trained on this data (funnel-<name> at `--alias`, else its latest version trained on
+it) scores both; the table gives each model's two AUCs, their difference and the largest difference
+of one probability. The same check runs on the tiny world in `make test`
+(tests/data/test_feature_parity.py). Writes JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import pandas as pd
 import torch
 
 
-def registered_rankers(alias: str) -> dict[str, str]:
-    """{model name: models:/ URI} of the registry's ranking models (funnel-<name>)."""
+def registered_rankers(alias: str, fingerprint: str) -> dict[str, str]:
+    """{model name: models:/ URI} of the registry's ranking models (funnel-<name>) trained on the data
+    with this fingerprint: the version at `alias` if it was, else the latest one that was (a closed
+    loop registers versions trained on later ingests, whose train split covers this test period)."""
     import mlflow
 
     from models.registry import RANKING
@@ -36,11 +39,15 @@ def registered_rankers(alias: str) -> dict[str, str]:
         base = name.split("-", 1)[1] if name.startswith("adaf2m2-") else name
         if base not in RANKING:
             continue
+        ok = {int(v.version): v for v in client.search_model_versions(f"name='{rm.name}'")
+              if client.get_run(v.run_id).data.tags.get("dataset_fingerprint") == fingerprint}
+        if not ok:
+            continue
         try:
-            version = client.get_model_version_by_alias(rm.name, alias).version
+            version = int(client.get_model_version_by_alias(rm.name, alias).version)
         except Exception:
-            version = max(int(v.version) for v in client.search_model_versions(f"name='{rm.name}'"))
-        out[name] = f"models:/{rm.name}/{version}"
+            version = -1
+        out[name] = f"models:/{rm.name}/{version if version in ok else max(ok)}"
     return out
 
 
@@ -70,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     up = user_pass_local(cfg, ev, RawTables(None, items, users, True, "simulator"))
     test = first_requests(pd.read_parquet(root / "ranking" / "split=test"), a.rows)
     d = cfg.data
-    uris = registered_rankers(a.alias)
+    fingerprint = json.loads((root / "stats.json").read_text())["fingerprint"]
+    uris = registered_rankers(a.alias, fingerprint)
     if not uris:
-        raise SystemExit(f"no registered ranking model under {cfg.tracking.uri}; run `make demo` first")
+        raise SystemExit(f"no ranking model trained on {root} (fingerprint {fingerprint}) under {cfg.tracking.uri}; "
+                         "run `make demo` first")
     rows, built = [], {}
     for name, uri in sorted(uris.items()):
         model = load_model(uri).eval()
