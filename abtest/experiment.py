@@ -22,7 +22,12 @@ from configs import FunnelConfig
 def run_abtest(cfg: FunnelConfig, url: str, data_dir: str | None = None,
                horizon: tuple[int, int] | None = None) -> dict[str, Any]:
     """The A/B against the funnel served at `url` (`simulate` inside `horizon`), its analysis, report
-    and MLflow run; `res["request_ids"]` names this test's rows of the event log."""
+    and MLflow run; `res["request_ids"]` names this test's rows of the event log.
+
+    `data_dir` (default data.output) is where CUPED's covariate comes from: each user's CTR in those
+    logs. It must hold no traffic of this experiment's arms: a covariate measured after assignment
+    carries the treatment's effect and biases the adjusted lift toward zero (jobs.loop passes the
+    logs from before its first round; its later rounds' ingests hold the earlier rounds' A/Bs)."""
     import mlflow
 
     from serving.router import read_events
@@ -40,7 +45,8 @@ def run_abtest(cfg: FunnelConfig, url: str, data_dir: str | None = None,
     treatment = next(a for a in arms if a != control)
     covariate = pre_period_ctr(data_dir or cfg.data.output) if cfg.abtest.cuped else None
     res = analyse(events, cfg.abtest.arms, control, treatment, cfg.abtest.alpha, covariate=covariate)
-    res |= {"sent": sent, "seconds": time.time() - t0, "variants": cfg.abtest.variants}
+    res |= {"sent": sent, "seconds": time.time() - t0, "variants": cfg.abtest.variants,
+            "covariate_data": str(data_dir or cfg.data.output) if covariate is not None else None}
     exp = setup_tracking(cfg.tracking)
     res |= served_versions(events, treatment)
     versions = res["treatment_versions"]

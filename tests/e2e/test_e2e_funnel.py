@@ -588,6 +588,8 @@ def test_the_closed_loop_runs_two_rounds_on_the_tiny_world(served, e2e_run, monk
     assert stats["input_rows"]["served_events"] == second["served_events_ingested"] > 0
     assert stats["input_rows"]["events"] == stats["accepted_events"] + stats["rejected_events"]
     assert set(second["gate"]) == {"cdnet"}
+    # CUPED's covariate is from before round 1 in every round: round 2's data holds round 1's A/B
+    assert [r["covariate_data"] for r in rounds] == [rounds[0]["data"]] * 2
     cols = ["item_id", "item_key", "item_idx", "cat_idx", "brand_idx"]
     ids = pd.read_parquet(Path(rounds[0]["data"]) / "items.parquet", columns=cols).merge(
         pd.read_parquet(Path(second["data"]) / "items.parquet", columns=cols), on="item_id", suffixes=("", "_2"))
