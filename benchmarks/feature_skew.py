@@ -36,7 +36,7 @@ def registered_rankers(alias: str, fingerprint: str) -> dict[str, str]:
     out = {}
     for rm in client.search_registered_models():
         name = rm.name.removeprefix("funnel-")
-        base = name.split("-", 1)[1] if name.startswith("adaf2m2-") else name
+        base = (name.split("-", 1)[1] if name.startswith("adaf2m2-") else name).replace("-", "_")  # mean-pool
         if base not in RANKING:
             continue
         ok = {int(v.version): v for v in client.search_model_versions(f"name='{rm.name}'")
