@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     print(f"\n### Train/serve skew: {len(test):,} logged test rows ({test['ts'].min()}–{test['ts'].max()}), "
           f"{time.time() - t0:.0f} s\n")
-    print(df.drop(columns=["uri", "unequal"]).to_markdown(index=False, floatfmt=".6f"))
+    shown = df.drop(columns=["uri", "unequal"])
+    print("| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns))
+    for row in shown.itertuples(index=False):
+        print("| " + " | ".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in row) + " |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"config": a.config, "rows": rows}, indent=2) + "\n")
     return 0
