@@ -42,7 +42,7 @@ def test_small_splits_go_to_the_object_store_with_every_row(ray_session, tiny_da
     assert a.equals(b)
 
 
-@pytest.mark.slow  # the e2e smoke fits its three models on 1-worker TorchTrainers (tests/e2e/test_e2e_funnel.py)
+@pytest.mark.slow  # the e2e smoke fits its three models on 1-worker TorchTrainers (tests/e2e/served/)
 def test_one_worker_torch_trainer_trains_and_tests(ray_session, tiny_cfg, tiny_data, tmp_path):
     cfg = _cfg(tiny_cfg, tmp_path, epochs=2, patience=5, batch_size=512, lr=3e-3, new_user_max_clicks=2,
                cold_item_max_clicks=5)

@@ -17,7 +17,7 @@ def test_to_params_nests_and_merges():
     assert got == {"topk_ratio": 0.3, "adaf2m2": {"k": 3, "alpha": 0.5}}
 
 
-@pytest.mark.slow  # the e2e smoke runs the same two-trial search as its tune stage (tests/e2e/test_e2e_funnel.py)
+@pytest.mark.slow  # the e2e smoke runs the same two-trial search as its tune stage (tests/e2e/served/)
 def test_two_trial_tune_smoke(ray_session, tiny_cfg, tiny_processed, tmp_path, monkeypatch):
     import mlflow
 
