@@ -304,6 +304,11 @@ def item_counters(df: pd.DataFrame) -> pd.DataFrame:
 DEFAULT_PRIOR = 0.05  # the smoothing prior where nothing was logged yet
 
 
+def examples_mask(df: pd.DataFrame) -> np.ndarray:
+    """The user pass's rows that become examples: exposures, duplicates dropped."""
+    return df["is_exposure"].to_numpy().astype(bool) & ~df["dup"].to_numpy().astype(bool)
+
+
 def daily_counts(df: pd.DataFrame) -> pd.DataFrame:
     """Per day: logged exposures (by their ts) and clicks (by their click time) of a partition;
     summed over partitions, `PastPrior.from_counts` turns them into the past-only prior."""

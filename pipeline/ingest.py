@@ -35,6 +35,7 @@ from pipeline.examples import (
     ExampleContext,
     annotate_user_events,
     assign_split,
+    examples_mask,
     item_counters,
     numpy_frame,
 )
@@ -53,7 +54,6 @@ from pipeline.partials import (
     combine_output_stats,
     combine_user_pass,
     combine_validated,
-    examples_mask,
     id_counts,
     output_stats,
     user_pass_stats,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.examples import DEFAULT_PRIOR, PastPrior, assign_split, daily_counts, numpy_frame
+from pipeline.examples import DEFAULT_PRIOR, PastPrior, assign_split, daily_counts, examples_mask, numpy_frame
 from pipeline.outputs import (
     NUMERIC_FIELDS,
     combine_moments,
@@ -37,11 +37,6 @@ def id_counts(df: pd.DataFrame, key: str, t_val: int) -> pd.DataFrame:
         "train_exp": (train & np.isin(ev, EXPOSURE_KINDS)).astype(np.int64),
         "train_click": (train & (ev == "click")).astype(np.int64),
     }).groupby(key, as_index=False, sort=False).sum()
-
-
-def examples_mask(df: pd.DataFrame) -> np.ndarray:
-    """The user pass's rows that become examples: exposures, duplicates dropped."""
-    return df["is_exposure"].to_numpy().astype(bool) & ~df["dup"].to_numpy().astype(bool)
 
 
 def validated_stats(df: pd.DataFrame) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.examples import numpy_frame, prior_from_totals
+from pipeline.examples import examples_mask, numpy_frame, prior_from_totals
 from pipeline.features import DAY, ranking_features
 
 STATE_VERSION = 1
@@ -47,8 +47,7 @@ WINDOWS = {"user_active_days_7": 7 * DAY, "user_active_days_30": 30 * DAY}
 def logged_exposures(df: pd.DataFrame) -> np.ndarray:
     """The user pass's rows that the counters count as exposures: examples (exposures, duplicates
     dropped) that were logged, not sampled."""
-    return (df["is_exposure"].to_numpy().astype(bool) & ~df["dup"].to_numpy().astype(bool)
-            & (np.asarray(df["event"].to_numpy(), dtype=object) != "sampled_negative"))
+    return examples_mask(df) & (np.asarray(df["event"].to_numpy(), dtype=object) != "sampled_negative")
 
 
 def activity_rows(df: pd.DataFrame) -> np.ndarray:
