@@ -43,10 +43,11 @@ def run_abtest(cfg: FunnelConfig, url: str, data_dir: str | None = None,
     arms = list(cfg.abtest.arms)
     control = next((a for a in arms if cfg.abtest.variants.get(a) == "popularity"), arms[0])
     treatment = next(a for a in arms if a != control)
-    covariate = pre_period_ctr(data_dir or cfg.data.output) if cfg.abtest.cuped else None
+    covariate_data = str(data_dir or cfg.data.output)
+    covariate = pre_period_ctr(covariate_data) if cfg.abtest.cuped else None
     res = analyse(events, cfg.abtest.arms, control, treatment, cfg.abtest.alpha, covariate=covariate)
     res |= {"sent": sent, "seconds": time.time() - t0, "variants": cfg.abtest.variants,
-            "covariate_data": str(data_dir or cfg.data.output) if covariate is not None else None}
+            "covariate_data": covariate_data if covariate is not None else None}
     exp = setup_tracking(cfg.tracking)
     res |= served_versions(events, treatment)
     versions = res["treatment_versions"]

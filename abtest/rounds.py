@@ -56,14 +56,15 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
 
 
 def round_summary(rounds: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per round: the A/B's decisive lift of the treatment over the control (CI, p), the world's
+    """One row per round: the A/B's decisive lift of the treatment over the control (the arms the A/B
+    named, `x["treatment"]` / `x["control"]`) with its CI and p, the world's
     true-CTR ratio of the two arms in the same week (what the logged lift estimates, free of click
     noise), whether the treatment was promoted, and the versions that served it."""
     rows = []
     for x in rounds:
         lift = x.get("lift") or {}
         arms = x["arms"]
-        t, c = (arms.get(k, {}).get("true_ctr", float("nan")) for k in ("treatment", "control"))
+        t, c = (arms.get(x.get(k, k), {}).get("true_ctr", float("nan")) for k in ("treatment", "control"))
         raw = x.get("lift_raw") or {}
         rows.append({"round": x["round"], "decided_on": x.get("decided_on") or "lift",
                      "ab_lift": lift.get("relative", float("nan")), "raw_lift": raw.get("relative", float("nan")),

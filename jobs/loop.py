@@ -99,6 +99,7 @@ def run_round(cfg: FunnelConfig, r: int, folder: Path, retrain: list[str], world
     out["promote"] = promote(rc, ab)
     out |= {"arms": metrics, "lift": ab.get(ab.get("decided_on", "lift")), "decided_on": ab.get("decided_on"),
             "lift_raw": ab.get("lift"), "covariate_data": ab.get("covariate_data"),
+            "control": ab["control"], "treatment": ab["treatment"],
             "seconds": round(time.time() - t0, 1),
             "treatment_versions": ab.get("treatment_versions")}
     return out

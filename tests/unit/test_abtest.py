@@ -201,3 +201,14 @@ def test_loop_horizons_follow_each_other_and_lifts_are_against_round_one():
     df = table(rounds).set_index(["round", "arm"])
     assert df.loc[(2, "treatment"), "ctr_vs_round1"] == pytest.approx(1.0)
     assert df.loc[(2, "control"), "ctr_vs_round1"] == pytest.approx(0.0)
+
+
+def test_the_loop_summary_reads_the_arms_the_ab_named():
+    """The true-CTR lift of a round is treatment over control as the A/B named them (config arm names)."""
+    from abtest.rounds import round_summary
+
+    rounds = [{"round": 1, "control": "pop", "treatment": "new", "promote": {"promoted": True},
+               "lift": {"relative": 0.1, "ci_low": 0.0, "ci_high": 0.2, "p_value": 0.04},
+               "arms": {"pop": {"true_ctr": 0.1}, "new": {"true_ctr": 0.12}}}]
+    row = round_summary(rounds).iloc[0]
+    assert row["true_ctr_lift"] == pytest.approx(0.2) and row["ab_lift"] == 0.1 and row["promoted"]
