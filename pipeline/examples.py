@@ -309,12 +309,16 @@ def examples_mask(df: pd.DataFrame) -> np.ndarray:
     return df["is_exposure"].to_numpy().astype(bool) & ~df["dup"].to_numpy().astype(bool)
 
 
-def daily_counts(df: pd.DataFrame) -> pd.DataFrame:
-    """Per day: logged exposures (by their ts) and clicks (by their click time) of a partition;
-    summed over partitions, `PastPrior.from_counts` turns them into the past-only prior."""
+def daily_counts(df: pd.DataFrame, as_of: int | None = None) -> pd.DataFrame:
+    """Per day: logged exposures (by their ts) and clicks (by their click time) of a partition, those
+    before `as_of` when given (the online state's snapshot); summed over partitions,
+    `PastPrior.from_counts` turns them into the past-only prior."""
     df = numpy_frame(df)
     logged = (df["event"] != "sampled_negative").to_numpy()
     clicked = df["label"].to_numpy() == 1
+    if as_of is not None:
+        logged = logged & (df["ts"].to_numpy() < as_of)
+        clicked = clicked & (df["click_ts"].to_numpy() < as_of)
     exp = pd.Series(1, index=df["ts"].to_numpy()[logged] // DAY).groupby(level=0).sum()
     clk = pd.Series(1, index=df["click_ts"].to_numpy()[clicked] // DAY).groupby(level=0).sum()
     out = pd.DataFrame({"exposures": exp, "clicks": clk}).fillna(0).astype(np.int64)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.examples import examples_mask, numpy_frame, prior_from_totals
+from pipeline.examples import daily_counts, examples_mask, numpy_frame, prior_from_totals
 from pipeline.features import DAY, ranking_features
 
 STATE_VERSION = 1
@@ -69,8 +69,6 @@ def state_partials(df: pd.DataFrame, as_of: int) -> dict[str, pd.DataFrame]:
     clk = logged_exposures(df) & (df["label"].to_numpy() == 1) & (cts < as_of)
     act = activity_rows(df) & (ts < as_of) & (ts >= (as_of // DAY - ACTIVITY_DAYS + 1) * DAY)
     a = pd.DataFrame({"user_key": uk[act], "day": ts[act] // DAY, "first_ts": ts[act], "last_ts": ts[act]})
-    daily = pd.concat([pd.DataFrame({"day": ts[exp] // DAY, "exposures": 1, "clicks": 0}),
-                       pd.DataFrame({"day": cts[clk] // DAY, "exposures": 0, "clicks": 1})])
     return {
         "users": pd.DataFrame({"user_key": uk[exp], "exposures": 1}).groupby("user_key", as_index=False).sum(),
         "items": pd.concat([pd.DataFrame({"item_key": ik[exp], "exposures": 1, "clicks": 0}),
@@ -78,7 +76,7 @@ def state_partials(df: pd.DataFrame, as_of: int) -> dict[str, pd.DataFrame]:
                            ).groupby("item_key", as_index=False).sum(),
         "activity": a.groupby(["user_key", "day"], as_index=False).agg(first_ts=("first_ts", "min"),
                                                                        last_ts=("last_ts", "max")),
-        "daily": daily.groupby("day", as_index=False).sum(),
+        "daily": daily_counts(df[examples_mask(df)], as_of),
     }
 
 
