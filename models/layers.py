@@ -225,10 +225,21 @@ class TargetAttention(nn.Module):
         self.score = MLP(4 * d, hidden or [64, 32], 1)
         self.normalize = normalize
 
+    def first_layer(self, q: Tensor, keys: Tensor) -> Tensor:
+        """The score MLP's first layer W·[q, k, q−k, q⊙k] + b, (B, E), (B, L, E) → (B, L, H), without
+        the (B, L, 4E) input: with W = [W_q W_k W_d W_p] it is (W_q + W_d) q + b, once per sample, plus
+        k·M_b per behavior, M_b = (W_k − W_d)ᵀ + diag(q_b) W_pᵀ (E, H) — one batched product over the
+        behaviors at E·H per behavior instead of 4E·H, and the same weights (checkpoints unchanged).
+        About 5x faster forward + backward at B 4,096, L 200, E 192, H 64 (benchmarks/RESULTS.md)."""
+        lin = self.score.net[0]
+        w_q, w_k, w_d, w_p = lin.weight.split(q.shape[-1], dim=1)  # (H, E) each
+        per_sample = F.linear(q, w_q + w_d, lin.bias)  # (B, H)
+        m = (w_k - w_d).t().unsqueeze(0) + q.unsqueeze(-1) * w_p.t().unsqueeze(0)  # (B, E, H)
+        return torch.baddbmm(per_sample.unsqueeze(1), keys, m)
+
     def forward(self, q: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         """q (B, E), keys (B, L, E), mask (B, L) → (B, E)."""
-        qq = q.unsqueeze(1).expand_as(keys)
-        s = self.score(torch.cat([qq, keys, qq - keys, qq * keys], -1)).squeeze(-1)  # (B, L)
+        s = self.score.net[1:](self.first_layer(q, keys)).squeeze(-1)  # (B, L)
         if self.normalize == "none":
             a = s * mask.to(s.dtype)
         else:

@@ -330,3 +330,33 @@ def test_dcnv2_pools_behaviors_at_lookup_with_the_masked_mean_s_values(spec, bat
     g_fast = torch.autograd.grad(fast.sum(), m.embedding.tables["item_idx"].weight)[0]
     g_slow = torch.autograd.grad(slow.sum(), m.embedding.tables["item_idx"].weight)[0]
     assert torch.allclose(g_fast, g_slow, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", ["softmax", "none"])
+def test_target_attention_equals_the_mlp_over_the_concatenated_activation_unit(normalize):
+    """DIN's activation unit is MLP([q, k, q−k, q⊙k]); `TargetAttention` computes its first layer
+    without the (B, L, 4E) concat. Values and gradients (q, keys, every weight) must be those of the
+    written-out form, on rows with padding and one with no behavior."""
+    from models.layers import TargetAttention
+
+    torch.manual_seed(0)
+    att = TargetAttention(6, [8, 4], normalize)
+    q = torch.randn(5, 6, requires_grad=True)
+    keys = torch.randn(5, 7, 6, requires_grad=True)
+    mask = torch.arange(7)[None, :] >= torch.tensor([0, 2, 5, 7, 3])[:, None]
+
+    def reference():
+        qq = q.unsqueeze(1).expand_as(keys)
+        s = att.score(torch.cat([qq, keys, qq - keys, qq * keys], -1)).squeeze(-1)
+        if normalize == "none":
+            a = s * mask.float()
+        else:
+            a = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+        return torch.einsum("bl,ble->be", a, keys)
+
+    params = [q, keys, *att.parameters()]
+    got, want = att(q, keys, mask), reference()
+    assert torch.allclose(got, want, atol=1e-6)
+    g_got = torch.autograd.grad(got.square().sum(), params)
+    g_want = torch.autograd.grad(want.square().sum(), params)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_got, g_want, strict=True))
