@@ -50,7 +50,7 @@ from training.batches import RankingBatcher, RetrievalBatcher
 from training.fit import fit_early_stopping
 from training.floors import evaluate_floors
 from training.retrieval import Catalogue
-from training.step import predict_ranking, ranking_metrics
+from training.step import make_optimizer, predict_ranking, ranking_metrics
 
 STATE = ("user_clicks_before", "item_clicks_before")
 
@@ -145,7 +145,7 @@ def fit_rank(name: str, params: dict, spec, data: dict[str, list], b: Budget, se
     metrics + val AUC, lr, epochs, steps, seconds, curve."""
     torch.manual_seed(seed)
     model = build_model(name, spec, (models or ModelConfig()).params_for(name, params)).to(b.device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = make_optimizer(model.parameters(), lr=lr)
     amp = torch.bfloat16 if b.device == "cuda" else None
     evaluate = lambda split: ranking_metrics(predict_ranking(model, data[split], b.device, amp, keep=STATE),  # noqa: E731
                                              **b.thresholds)

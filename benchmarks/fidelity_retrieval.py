@@ -21,6 +21,7 @@ from models.karma import KARMAConfig
 from training.batches import RetrievalBatcher
 from training.fit import fit_early_stopping
 from training.retrieval import Catalogue, evaluate_retrieval, popularity_topk, retrieval_metrics
+from training.step import make_optimizer
 
 KARMA_SIM_ROW = "dcnv2 + karma_sim"
 # (row label, model name, params over its config section); "popularity" is computed, not fitted
@@ -42,7 +43,7 @@ KARMA_BEST = "karma (λ_dec=0.5)"  # the paper's form, the one the KARMA-similar
 def fit_retr(model: torch.nn.Module, data: dict[str, list], cat: Catalogue, b: Budget, seed: int) -> dict:
     """Train until val HR@K stops improving (patience, at most b.epochs; the best epoch's weights
     are tested), then the test split at the served sizes (merged recall, popularity alone)."""
-    opt = torch.optim.Adam(model.parameters(), lr=b.lr)
+    opt = make_optimizer(model.parameters(), lr=b.lr)
     t0 = time.perf_counter()
     best_epoch, history = fit_early_stopping(
         model, _shuffled(data["train"], seed), lambda: evaluate_retrieval(model, data["val"], cat, b.k), f"hr_{b.k}",

@@ -4,7 +4,9 @@
   python -m benchmarks.peer_fuxictr [--batch 4096] [--seq-len 200] [--threads 2] [--rounds 5]
 
 What is compared: one full training step — zero_grad, forward, BCE-with-logits loss, backward,
-Adam step — of Funnel's DCNv2 and DIN (`models/`) and of FuxiCTR's, on the same synthetic
+Adam step, each framework's own (Funnel's fused Adam, `training.step.make_optimizer`; FuxiCTR's
+`get_optimizer("adam")`, torch.optim.Adam's default; a "same Adam" column steps Funnel's model with
+FuxiCTR's optimizer) — of Funnel's DCNv2 and DIN (`models/`) and of FuxiCTR's, on the same synthetic
 batch (`benchmarks.models.make_batch`: 12 categorical and 8 numeric fields, three behavior
 sequences of length L), at the same widths: D = 64, DCNv2 3 full-rank cross layers ‖ MLP
 [256, 128]; DIN attention MLP [64, 32] with softmax, MLP [256, 128]; ReLU everywhere.
@@ -41,6 +43,7 @@ from torch import nn
 from benchmarks.models import bench_spec, make_batch
 from models import build_model
 from models.spec import FeatureSpec
+from training.step import make_optimizer, train_step
 
 SEQ = (("hist_item_idx", "item_idx"), ("hist_cat_idx", "cat_idx"), ("hist_brand_idx", "brand_idx"))
 WIDTHS = {"embed_dim": 64, "hidden": [256, 128]}
@@ -142,6 +145,22 @@ def build(name: str, spec: FeatureSpec) -> nn.Module:
     raise ValueError(f"unknown model {name!r}")
 
 
+TORCH_ADAM = "_torch_adam"  # a Funnel model stepped by torch.optim.Adam's default, FuxiCTR's optimizer
+
+
+def optimizer_of(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """Each framework's own optimizer, as its trainer builds it: Funnel's `training.step.make_optimizer`
+    (fused Adam), FuxiCTR's `get_optimizer("adam", …)` (torch.optim.Adam's default). A `_torch_adam`
+    row is a Funnel model with FuxiCTR's optimizer: the models alone, side by side."""
+    if name.startswith("fuxictr_"):
+        from fuxictr.pytorch.torch_utils import get_optimizer
+
+        return get_optimizer("adam", model.parameters(), 1e-3)
+    if name.endswith(TORCH_ADAM):
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    return make_optimizer(model.parameters(), lr=1e-3)
+
+
 def shared_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict, amp: torch.dtype | None) -> torch.Tensor:
     """zero_grad, forward, BCE-with-logits, backward, Adam step; returns the loss (no host sync)."""
     opt.zero_grad(set_to_none=True)
@@ -169,7 +188,6 @@ def time_steps(step, steps: int, device: str) -> float:
 
 def run(names: list[str], B: int, L: int, steps: int, rounds: int, device: str, amp: torch.dtype | None,
         compile_models: bool) -> dict[str, dict]:
-    from training.step import train_step
 
     spec = bench_spec(L)
     batch = make_batch(spec, B, device)
@@ -178,14 +196,14 @@ def run(names: list[str], B: int, L: int, steps: int, rounds: int, device: str, 
         torch.manual_seed(0)
         if name == "funnel_dcnv2_train_step":
             model = build("funnel_dcnv2", spec).model.to(device).train()
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            opt = make_optimizer(model.parameters(), lr=1e-3)
 
             def step(model=model, opt=opt):
                 return train_step(model, batch, opt, amp)
         else:
-            model = build(name, spec).to(device).train()
+            model = build(name.removesuffix(TORCH_ADAM), spec).to(device).train()
             fwd = torch.compile(model) if compile_models else model
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            opt = optimizer_of(name, model)
 
             def step(fwd=fwd, opt=opt):
                 return shared_step(fwd, opt, batch, amp)
@@ -240,15 +258,18 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, fuxictr {fuxictr.__version__}", flush=True)
     rows = []
     for m in a.models:
-        names = [f"funnel_{m}", f"fuxictr_{m}"] + (["funnel_dcnv2_train_step"] if m == "dcnv2" else [])
+        names = [f"funnel_{m}", f"fuxictr_{m}", f"funnel_{m}{TORCH_ADAM}"] + (
+            ["funnel_dcnv2_train_step"] if m == "dcnv2" else [])
         res = run(names, a.batch, a.seq_len, a.steps, a.rounds, a.device, amp, a.compile)
-        f, x = res[f"funnel_{m}"], res[f"fuxictr_{m}"]
+        f, x, same = res[f"funnel_{m}"], res[f"fuxictr_{m}"], res[f"funnel_{m}{TORCH_ADAM}"]
         rows.append({"model": m, "L": a.seq_len, "funnel": f, "fuxictr": x, "ratio": f["samples_per_s"] / x["samples_per_s"],
+                     "funnel_torch_adam": same, "ratio_same_optimizer": same["samples_per_s"] / x["samples_per_s"],
                      **({"funnel_train_step": res["funnel_dcnv2_train_step"]} if m == "dcnv2" else {})})
-    print(f"\n{'model':<8}{'Funnel /s':>12}{'FuxiCTR /s':>12}{'Funnel/FuxiCTR':>16}{'params F / X':>22}")
+    print(f"\n{'model':<8}{'Funnel /s':>12}{'FuxiCTR /s':>12}{'Funnel/FuxiCTR':>16}{'same Adam':>11}{'params F / X':>26}")
     for r in rows:
         print(f"{r['model']:<8}{r['funnel']['samples_per_s']:>12,.0f}{r['fuxictr']['samples_per_s']:>12,.0f}"
-              f"{r['ratio']:>15.2f}x{r['funnel']['params']:>12,} / {r['fuxictr']['params']:,}")
+              f"{r['ratio']:>15.2f}x{r['ratio_same_optimizer']:>10.2f}x"
+              f"{r['funnel']['params']:>14,} / {r['fuxictr']['params']:,}")
         if "funnel_train_step" in r:
             print(f"{'':<8}{r['funnel_train_step']['samples_per_s']:>12,.0f}  (Funnel's own train_step)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

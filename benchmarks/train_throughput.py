@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.models import bench_spec, make_batch, model_flops
 from models import build_model
-from training.step import train_step
+from training.step import make_optimizer, train_step
 
 MODELS = {
     "mean_pool": ("mean_pool", {"embed_dim": 64}),
@@ -63,7 +63,7 @@ def run(device: str, B: int, L: int, steps: int, names: list[str]) -> list[dict]
         base, params = MODELS[name]
         torch.manual_seed(0)
         model = build_model(base, spec, params).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = make_optimizer(model.parameters(), lr=1e-3)
         batch = make_batch(spec, B, device)
         train_step(model, batch, opt, amp)  # warm-up
         if device == "cuda":

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.step import predict_ranking, ranking_metrics, to_device, train_step
+from training.step import make_optimizer, predict_ranking, ranking_metrics, to_device, train_step
 
 Batches = Callable[[], Iterable[dict[str, torch.Tensor]]]
 
@@ -105,7 +105,7 @@ def fit_ranking(model: nn.Module, train: Batches, val: Batches, test: Batches | 
     without improvement. `train`/`val`/`test` return a fresh iterable of batches per call."""
     torch.manual_seed(seed)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay)
     evaluate = lambda split: ranking_metrics(predict_ranking(model, split(), device, amp_dtype))  # noqa: E731
     best_epoch, history = fit_early_stopping(model, train, lambda: evaluate(val), "auc", opt, epochs=epochs,
                                              patience=patience, device=device, amp_dtype=amp_dtype, on_epoch=on_epoch)

@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from training.fit import EarlyStopping
-    from training.step import to_device, train_step
+    from training.step import make_optimizer, to_device, train_step
     from training.tasks import task_from_config
 
     cfg: FunnelConfig = config["cfg"]
@@ -57,7 +57,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = task.build(config["model"], config.get("params") or None, tiny=config.get("tiny", False))
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = make_optimizer(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     amp = torch.bfloat16 if device.type == "cuda" else None
     stopper = EarlyStopping(t.patience, t.epochs)
     ckpt = ray.train.get_checkpoint()

@@ -28,7 +28,7 @@ import torch
 
 from training.fit import FitResult, fit_early_stopping
 from training.metrics import hit_rate_at_k, jaccard_at_k, ndcg_at_k
-from training.step import to_device
+from training.step import make_optimizer, to_device
 
 Batches = Callable[[], Iterable[dict[str, torch.Tensor]]]
 
@@ -233,7 +233,7 @@ def fit_retrieval(model, train: Batches, val: Batches, test: Batches | None, cat
     embeddings), then the model's loss; early stopping on val HR@K with the best weights kept."""
     torch.manual_seed(seed)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = make_optimizer(model.parameters(), lr=lr)
     for _ in range(warmup_epochs):
         for b in train():
             loss = model.warmup_loss(b["item_key"].to(device))
