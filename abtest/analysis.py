@@ -134,6 +134,33 @@ def analyse(events: pd.DataFrame, shares: dict[str, int], control: str, treatmen
     return out
 
 
+def decision_arms(variants: dict[str, str]) -> tuple[str, str, str]:
+    """(control, treatment, popularity arm) of the promotion decision, from what each arm serves. The
+    treatment is the arm on `funnel@challenger` (else the first arm that is not the popularity arm);
+    the control is the arm on `funnel@champion` when there is one — promotion moves `challenger` to
+    `champion`, so the challenger must beat the funnel it would replace — else the popularity arm
+    (the first arm when none serves popularity)."""
+    arms = list(variants)
+    pop = next((a for a in arms if variants[a] == "popularity"), arms[0])
+    treatment = next((a for a in arms if variants[a] == "funnel@challenger"), next(a for a in arms if a != pop))
+    control = next((a for a in arms if variants[a] == "funnel@champion" and a != treatment), pop)
+    return control, treatment, pop
+
+
+def compare_arms(events: pd.DataFrame, shares: dict[str, int], variants: dict[str, str], alpha: float = 0.05,
+                 covariate: pd.Series | None = None) -> dict[str, Any]:
+    """`analyse` with the arms of `decision_arms`; when the decision's control is the champion, the
+    treatment against the popularity arm too, under "vs_popularity" (the floor, reported, not decisive)."""
+    control, treatment, pop = decision_arms(variants)
+    res = analyse(events, shares, control, treatment, alpha, covariate)
+    res["popularity_arm"] = pop
+    if control != pop:
+        floor = analyse(events, shares, pop, treatment, alpha, covariate)
+        res["vs_popularity"] = {k: floor[k] for k in ("control", "treatment", "lift", "lift_cuped", "decided_on",
+                                                      "significant_positive")}
+    return res
+
+
 def pre_period_ctr(data_dir: str | Path, prior: float = 20.0) -> pd.Series:
     """Each user's CTR over the logged impressions (sampled negatives excluded), shrunk toward
     the overall CTR by `prior` impressions: the CUPED covariate, indexed by user_id. Empty
@@ -166,6 +193,13 @@ def report_markdown(res: dict[str, Any]) -> str:
         lines.append(f"CUPED (covariate: each user's CTR in the logs before the test; θ = {cu['theta']:.3f}, "
                      f"variance −{cu['variance_reduction']:.0%}): **{cu['relative']:+.2%}** "
                      f"(95% CI {cu['ci_low']:+.2%} … {cu['ci_high']:+.2%}, p = {cu['p_value']:.2g}).")
+    floor = res.get("vs_popularity")
+    if floor and floor.get("lift"):
+        f_lift, f_cu = floor["lift"], floor.get("lift_cuped")
+        lines.append(f"Against the floor, {floor['treatment']} vs {floor['control']} (popularity): "
+                     f"{f_lift['relative']:+.2%} (95% CI {f_lift['ci_low']:+.2%} … {f_lift['ci_high']:+.2%})"
+                     + (f", CUPED {f_cu['relative']:+.2%} (95% CI {f_cu['ci_low']:+.2%} … {f_cu['ci_high']:+.2%})"
+                        if f_cu else "") + "; reported, not decisive: the challenger is decided against the champion.")
     srm = res["srm"]
     lines.append(f"Sample-ratio check: χ² = {srm['chi2']:.2f}, p = {srm['p_value']:.3g} → "
                  f"{'MISMATCH: do not trust this test' if srm['mismatch'] else 'no mismatch'}.")
@@ -188,7 +222,8 @@ def plot(res: dict[str, Any], events: pd.DataFrame, path: str | Path) -> Path:
     a1.bar(names, ctr, yerr=err, capsize=6, color=["#999999", "#2a7ab9", "#d98b2b"][: len(names)])
     a1.set_ylabel("CTR")
     lift = res.get("lift")
-    a1.set_title(f"lift {lift['relative']:+.1%} [{lift['ci_low']:+.1%}, {lift['ci_high']:+.1%}]" if lift else "CTR")
+    a1.set_title(f"{res['treatment']} vs {res['control']}: {lift['relative']:+.1%} "
+                 f"[{lift['ci_low']:+.1%}, {lift['ci_high']:+.1%}]" if lift else "CTR", fontsize=10)
     ev = events.sort_values("ts", kind="stable")
     for a in names:
         g = ev[ev["arm"] == a]

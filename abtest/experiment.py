@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from abtest.analysis import analyse, plot, pre_period_ctr, report_markdown, served_versions
+from abtest.analysis import compare_arms, plot, pre_period_ctr, report_markdown, served_versions
 from abtest.traffic import simulate
 from configs import FunnelConfig
 
@@ -40,12 +40,12 @@ def run_abtest(cfg: FunnelConfig, url: str, data_dir: str | None = None,
     request_ids = sent.pop("request_ids")
     events = read_events(log_dir)
     events = events[events["request_id"].isin(set(request_ids))].reset_index(drop=True)
-    arms = list(cfg.abtest.arms)
-    control = next((a for a in arms if cfg.abtest.variants.get(a) == "popularity"), arms[0])
-    treatment = next(a for a in arms if a != control)
+    variants = {a: cfg.abtest.variants.get(a, "popularity") for a in cfg.abtest.arms}  # as the ingress reads them
     covariate_data = str(data_dir or cfg.data.output)
     covariate = pre_period_ctr(covariate_data) if cfg.abtest.cuped else None
-    res = analyse(events, cfg.abtest.arms, control, treatment, cfg.abtest.alpha, covariate=covariate)
+    # the challenger against the champion when an arm serves it, else against popularity (decision_arms)
+    res = compare_arms(events, cfg.abtest.arms, variants, cfg.abtest.alpha, covariate=covariate)
+    treatment = res["treatment"]
     res |= {"sent": sent, "seconds": time.time() - t0, "variants": cfg.abtest.variants,
             "covariate_data": covariate_data if covariate is not None else None}
     exp = setup_tracking(cfg.tracking)

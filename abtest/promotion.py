@@ -65,3 +65,46 @@ def promote(cfg: FunnelConfig, ab: dict[str, Any]) -> dict[str, Any]:
             client.set_model_version_tag(name, ch.version, f"promotion.{k}", str(v))
         moves[name] = decision
     return {"promoted": ok, **evidence, "models": moves}
+
+
+def champion_arms(abtest, champion_arm: str = "champion"):
+    """The A/B's arms and variants with one more arm on `funnel@champion`: half of the popularity arm's
+    buckets, placed right after it, so every other arm keeps its users (ArmRouter gives buckets in arm
+    order). What the closed loop runs once a champion exists: promotion then asks whether the
+    challenger beats the champion, not only popularity (abtest.analysis.decision_arms)."""
+    import dataclasses
+
+    from abtest.analysis import decision_arms
+
+    variants = {a: abtest.variants.get(a, "popularity") for a in abtest.arms}
+    if "funnel@champion" in variants.values():
+        return abtest
+    pop = decision_arms(variants)[2]
+    if variants[pop] != "popularity" or abtest.arms[pop] < 2 or champion_arm in abtest.arms:
+        raise ValueError(f"abtest.arms {abtest.arms}: a champion arm needs a popularity arm of >= 2 buckets "
+                         f"to split, and no arm named {champion_arm!r}")
+    arms: dict[str, int] = {}
+    for a, share in abtest.arms.items():
+        if a == pop:
+            arms[a] = share - share // 2
+            arms[champion_arm] = share // 2
+        else:
+            arms[a] = share
+    return dataclasses.replace(abtest, arms=arms, variants={**variants, champion_arm: "funnel@champion"})
+
+
+def has_champion(cfg: FunnelConfig) -> bool:
+    """Whether every model of the served funnel has a `champion` version in the registry."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from training.registry import registered_name, setup_tracking
+
+    setup_tracking(cfg.tracking)
+    client = mlflow.MlflowClient()
+    try:
+        for m in (cfg.serve.retriever, cfg.serve.preranker, cfg.serve.ranker):
+            client.get_model_version_by_alias(registered_name(m), "champion")
+    except MlflowException:
+        return False
+    return True

@@ -65,11 +65,13 @@ def round_summary(rounds: list[dict[str, Any]]) -> pd.DataFrame:
         lift = x.get("lift") or {}
         arms = x["arms"]
         t, c = (arms.get(x.get(k, k), {}).get("true_ctr", float("nan")) for k in ("treatment", "control"))
+        pop = arms.get(x.get("popularity_arm") or x.get("control", "control"), {}).get("true_ctr", float("nan"))
         raw = x.get("lift_raw") or {}
         rows.append({"round": x["round"], "decided_on": x.get("decided_on") or "lift",
                      "ab_lift": lift.get("relative", float("nan")), "raw_lift": raw.get("relative", float("nan")),
                      "ci_low": lift.get("ci_low", float("nan")), "ci_high": lift.get("ci_high", float("nan")),
                      "p_value": lift.get("p_value", float("nan")), "true_ctr_lift": t / c - 1 if c else float("nan"),
+                     "versus": x.get("control", "control"), "true_ctr_vs_popularity": t / pop - 1 if pop else float("nan"),
                      "promoted": bool(x["promote"]["promoted"]),
                      "treatment_versions": ", ".join(f"{k.removeprefix('funnel-')} v{v}"
                                                      for k, v in (x.get("treatment_versions") or {}).items())})
@@ -82,13 +84,13 @@ def loop_markdown(df: pd.DataFrame, rounds: list[dict[str, Any]], seconds: float
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     for row in df[cols].itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    lines += ["", "| round | A/B lift, decisive (95% CI) | p | raw lift | true-CTR lift, same week | promoted "
-              "| treatment served by |", "|---:|---:|---:|---:|---:|---|---|"]
+    lines += ["", "| round | treatment vs | A/B lift, decisive (95% CI) | p | raw lift | true-CTR lift, same week "
+              "| true-CTR lift vs popularity | promoted | treatment served by |", "|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in round_summary(rounds).itertuples(index=False):
         est = "CUPED" if r.decided_on == "lift_cuped" else "raw"
-        lines.append(f"| {r.round} | {est} {r.ab_lift:+.2%} [{r.ci_low:+.2%}, {r.ci_high:+.2%}] | {r.p_value:.2g} | "
-                     f"{r.raw_lift:+.2%} | {r.true_ctr_lift:+.2%} | {'yes' if r.promoted else 'no'} | "
-                     f"{r.treatment_versions} |")
+        lines.append(f"| {r.round} | {r.versus} | {est} {r.ab_lift:+.2%} [{r.ci_low:+.2%}, {r.ci_high:+.2%}] | "
+                     f"{r.p_value:.2g} | {r.raw_lift:+.2%} | {r.true_ctr_lift:+.2%} | {r.true_ctr_vs_popularity:+.2%} | "
+                     f"{'yes' if r.promoted else 'no'} | {r.treatment_versions} |")
     gates = [f"round {x['round']}: {x['gate']}" for x in rounds if x.get("gate")]
     return (f"# Closed loop: {len(rounds)} rounds in {seconds / 60:.1f} min\n\n" + "\n".join(lines) + "\n"
             + ("\nGate decisions: " + "; ".join(gates) + "\n" if gates else ""))

@@ -11,6 +11,11 @@ Each later round r:
   or `--retrain`; each through the registry gate → `challenger`) → FAISS index (when the retriever
   was retrained) → deploy on the new data → A/B in the next horizon → promote
 
+Once every model of the funnel has a `champion`, the round's A/B has three arms: popularity, the
+champion funnel (half of the popularity arm's buckets: the treatment's users stay) and the challenger
+funnel; the challenger is promoted only on a significant lift over the champion
+(abtest.analysis.decision_arms), and its lift over popularity is reported beside it.
+
 Round r's A/B runs in [log end + (r − 1)·ab_days, log end + r·ab_days): the loop moves forward in
 the world's time, as a production loop does; the users and their arms stay (the router hashes user
 ids), so the treatment arm's users are the ones whose history the funnel itself shaped. The loop
@@ -64,13 +69,15 @@ def horizon(world, r: int) -> tuple[int, int]:
 
 def run_round(cfg: FunnelConfig, r: int, folder: Path, retrain: list[str], world) -> dict[str, Any]:
     from abtest.experiment import run_abtest
-    from abtest.promotion import promote
+    from abtest.promotion import champion_arms, has_champion, promote
     from abtest.rounds import round_metrics
     from jobs.e2e import stage_index, stage_ingest, stage_train
     from serving.deploy import deploy
     from serving.router import read_events
 
     rc = round_config(cfg, r, folder)
+    if has_champion(rc):  # the challenger must beat the funnel it would replace, not only popularity
+        rc = dataclasses.replace(rc, abtest=champion_arms(rc.abtest))
     t0 = time.time()
     out: dict[str, Any] = {"round": r, "data": rc.data.output}
     if r > 1:
@@ -92,14 +99,15 @@ def run_round(cfg: FunnelConfig, r: int, folder: Path, retrain: list[str], world
     events = read_events(rc.serve.event_log)
     events = events[events["request_id"].isin(set(ab["request_ids"]))]
     avail = world.available_items(h[1])
-    metrics = round_metrics(world, events, list(cfg.abtest.arms), avail)
+    metrics = round_metrics(world, events, list(rc.abtest.arms), avail)
     for a, s in ab["arms"].items():
         metrics[a]["ctr"] = s["ctr"]
         metrics[a]["impressions"] = s["impressions"]
     out["promote"] = promote(rc, ab)
     out |= {"arms": metrics, "lift": ab.get(ab.get("decided_on", "lift")), "decided_on": ab.get("decided_on"),
             "lift_raw": ab.get("lift"), "covariate_data": ab.get("covariate_data"),
-            "control": ab["control"], "treatment": ab["treatment"],
+            "control": ab["control"], "treatment": ab["treatment"], "popularity_arm": ab.get("popularity_arm"),
+            "vs_popularity": ab.get("vs_popularity"), "arm_shares": dict(rc.abtest.arms),
             "seconds": round(time.time() - t0, 1),
             "treatment_versions": ab.get("treatment_versions")}
     return out

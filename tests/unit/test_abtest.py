@@ -212,3 +212,48 @@ def test_the_loop_summary_reads_the_arms_the_ab_named():
                "arms": {"pop": {"true_ctr": 0.1}, "new": {"true_ctr": 0.12}}}]
     row = round_summary(rounds).iloc[0]
     assert row["true_ctr_lift"] == pytest.approx(0.2) and row["ab_lift"] == 0.1 and row["promoted"]
+
+
+def test_the_challenger_is_decided_against_the_champion_when_an_arm_serves_it():
+    """Promotion moves `challenger` to `champion`: with an arm on funnel@champion, the decisive lift
+    is the challenger's over it (a challenger better than popularity but worse than the champion must
+    not be promoted); popularity stays in the report as the floor."""
+    from abtest.analysis import compare_arms, decision_arms
+
+    two = {"control": "popularity", "treatment": "funnel@challenger"}
+    three = {"control": "popularity", "champion": "funnel@champion", "treatment": "funnel@challenger"}
+    assert decision_arms(two) == ("control", "treatment", "control")
+    assert decision_arms(three) == ("champion", "treatment", "control")
+    rng = np.random.default_rng(0)
+    ev = pd.DataFrame(_events(600, 0.08, "control", rng) + _events(600, 0.12, "champion", rng)
+                      + _events(1200, 0.11, "treatment", rng))
+    res = compare_arms(ev, {"control": 25, "champion": 25, "treatment": 50}, three)
+    assert (res["control"], res["treatment"]) == ("champion", "treatment")
+    assert res["lift"]["relative"] < 0 and not res["significant_positive"]  # worse than the champion
+    floor = res["vs_popularity"]
+    assert floor["control"] == "control" and floor["lift"]["ci_low"] > 0  # yet better than popularity
+    md = report_markdown(res)
+    assert "treatment vs champion" in md and "treatment vs control (popularity)" in md
+
+
+def test_the_champion_arm_takes_half_the_popularity_buckets_and_the_treatment_keeps_its_users():
+    from abtest.promotion import champion_arms
+    from abtest.rounds import round_summary
+    from configs.schema import ABTestConfig
+
+    ab = ABTestConfig()
+    three = champion_arms(ab)
+    assert three.arms == {"control": 25, "champion": 25, "treatment": 50}
+    assert three.variants["champion"] == "funnel@champion" and champion_arms(three) is three
+    users = [f"u{i}" for i in range(5_000)]
+    before, after = ArmRouter(ab.arms, ab.salt), ArmRouter(three.arms, three.salt)
+    for u in users:
+        a, b = before.arm(u), after.arm(u)
+        assert (a == "treatment") == (b == "treatment")  # the challenger's users stay its users
+        assert a == "control" or b == a
+    rounds = [{"round": 2, "control": "champion", "treatment": "treatment", "popularity_arm": "control",
+               "promote": {"promoted": False}, "lift": {"relative": -0.05},
+               "arms": {"control": {"true_ctr": 0.1}, "champion": {"true_ctr": 0.125}, "treatment": {"true_ctr": 0.12}}}]
+    row = round_summary(rounds).iloc[0]
+    assert row["versus"] == "champion" and row["true_ctr_lift"] == pytest.approx(0.12 / 0.125 - 1)
+    assert row["true_ctr_vs_popularity"] == pytest.approx(0.2)

@@ -19,7 +19,8 @@ def test_the_closed_loop_runs_two_rounds_on_the_tiny_world(served, e2e_run, monk
     world's true CTR, exposure concentration and coverage, and a plot. Round 2 serves KARMA and LREA
     from round 1 beside the new CDNet: round 2's ingest extends round 1's keys and ids
     (data.vocab_from), else they read other items' embeddings (they did: IndexErrors, 49 of 100
-    requests answered 500). It redeploys the app: it runs after the replica-kill test, last."""
+    requests answered 500). Once the funnel has a champion, a round's A/B has a champion arm and the
+challenger is decided against it. It redeploys the app: it runs after the replica-kill test, last."""
     from jobs import loop
 
     root = e2e_run["root"]
@@ -45,5 +46,14 @@ def test_the_closed_loop_runs_two_rounds_on_the_tiny_world(served, e2e_run, monk
         for arm, m in r["arms"].items():
             assert m["impressions"] > 0 and 0 < m["true_ctr"] < 1 and 0 < m["coverage"] <= 1, (r["round"], arm, m)
             assert 0 <= m["gini"] < 1 and 0 < m["top1_share"] <= 1
+    # once the funnel has a champion, the challenger is decided against it (a third arm), popularity reported
+    for r in rounds:
+        if r["control"] == "champion":
+            assert r["arm_shares"] == {"control": 25, "champion": 25, "treatment": 50}
+            assert r["vs_popularity"]["control"] == "control" and r["popularity_arm"] == "control"
+        else:
+            assert r["arm_shares"] == {"control": 50, "treatment": 50} and r["vs_popularity"] is None
+    if rounds[0]["promote"]["promoted"] or rounds[0]["control"] == "champion":
+        assert second["control"] == "champion"
     assert "Closed loop: 2 rounds" in (folder / "loop.md").read_text()
     assert (folder / "loop.png").stat().st_size > 10_000
