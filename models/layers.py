@@ -166,6 +166,21 @@ def history_mask(hist_len: Tensor, L: int) -> Tensor:
     return torch.arange(L, device=hist_len.device)[None, :] >= (L - hist_len.clamp(max=L))[:, None]
 
 
+def trim_history(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch with its (B, L) history columns (`hist_*` but hist_len) cut to their last
+    max(hist_len) positions: histories are left-padded, so the leading positions that are padding in
+    every row go, and every valid position stays where it was relative to the most recent one. A
+    served request pads each candidate row to the model's L (200 on the small world) whatever the
+    user's clicks; a model whose cost grows with L and whose output only reads valid positions
+    (CDNet) computes on what the batch holds. One host sync (the max) per batch."""
+    L = batch[SEQ_FIELDS[0]].shape[1]
+    n = max(1, min(L, int(batch["hist_len"].max()))) if batch["hist_len"].numel() else L
+    if n == L:
+        return batch
+    return {k: v[:, L - n:] if k.startswith("hist_") and k != "hist_len" and v.dim() == 2 else v
+            for k, v in batch.items()}
+
+
 def missing_age(who: str) -> KeyError:
     """The one error of a model that reads the behaviors' age from a batch without it."""
     return KeyError(f"{who} reads the behaviors' age but the batch has no hist_age_idx: build it with "

@@ -7,6 +7,7 @@ from models import RANKING, build_model, loss_terms, total_loss
 from models.adaf2m2 import AdaF2M2
 from models.cdnet import CDNet, CDNetConfig, core_counts, interest_histogram, select_core
 from models.dlf import DLF, DLFConfig
+from models.spec import FeatureSpec
 from tests.models.conftest import HIST_VOCAB, make_batch
 
 ALL = [*RANKING, "adaf2m2:dcnv2", "adaf2m2:dlf", "adaf2m2:cdnet"]
@@ -122,7 +123,7 @@ def test_ste_passes_gradient_to_similarity_projections(spec, batch):
 
 
 def test_cdnet_ablation_switches_remove_tokens(spec, batch):
-    full_L = spec.seq_len
+    full_L = int(batch["hist_len"].max())  # the batch's longest history: CDNet reads no further (trim_history)
     layouts = {}
     for name in ("cdnet", "cdnet_rcore", "cdnet_rgid", "cdnet_full"):
         m = build(name, spec)
@@ -245,14 +246,45 @@ def test_aux_term_without_weight_is_an_error(spec, batch):
 
 
 def test_cdnet_cost_is_independent_of_sequence_length():
+    """Core slots: ceil(ratio · the batch's longest history), whatever L the batch is padded to."""
     from models.spec import FeatureSpec
 
     for L in (50, 400):
         spec = FeatureSpec.tiny(seq_len=L)
         m = CDNet(spec, CDNetConfig.tiny())
         m.cfg.topk_ratio = 0.05
-        b = make_batch(spec, B=2)
+        b = make_batch(spec, B=2, lens=[0, L])
         assert m.tokens(m.embed(b))[0].shape[1] == -(-L * 5 // 100) + 1 + spec.num_fields
+        b = make_batch(spec, B=2, lens=[0, 30])
+        assert m.tokens(m.embed(b))[0].shape[1] == -(-30 * 5 // 100) + 1 + spec.num_fields
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cdnet_reads_only_the_left_padding_no_row_needs(train):
+    """A served request pads every candidate's history to the model's L (200 on the small world, where a
+    user has a few clicks): CDNet cuts the leading positions that are padding in every row, so its
+    similarity, histogram and core slots cover the batch's longest history only. The logits (and in
+    training the gradients) are those of the batch at its full padding."""
+    from models.layers import trim_history
+
+    spec = FeatureSpec.tiny(seq_len=40)
+    torch.manual_seed(0)
+    m = CDNet(spec, CDNetConfig.tiny()).train(train)
+    b = make_batch(spec, B=6, lens=[0, 3, 7, 1, 7, 5])
+    cut = trim_history(b)
+    assert cut["hist_item_idx"].shape == (6, 7) and torch.equal(cut["hist_item_idx"], b["hist_item_idx"][:, -7:])
+    assert m.embed(b).seq.shape[1] == 7
+    torch.manual_seed(1)
+    got = m(b).logits
+    torch.manual_seed(1)
+    want = m.interact(m.embedding(b)).logits  # the same model on the untrimmed batch
+    assert torch.allclose(got, want, atol=1e-5)
+    if train:
+        params = [p for p in m.parameters() if p.requires_grad]
+        g1 = torch.autograd.grad(got.sum(), params, allow_unused=True)
+        g2 = torch.autograd.grad(want.sum(), params, allow_unused=True)
+        for a, c in zip(g1, g2, strict=True):
+            assert (a is None and c is None) or torch.allclose(a, c, atol=1e-5)
 
 
 def test_dlf_rejects_indivisible_heads(spec):
