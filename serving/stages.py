@@ -90,10 +90,14 @@ class _Registered:
         return self.version
 
 
-def _batching(method, args: FunnelArgs) -> None:
+def _batched(method, args: FunnelArgs):
+    """`method` (a bound method: this stage object's) behind a `serve.batch` queue of its own. The
+    decorator on the class would keep ONE queue for every instance and run each batch on its first
+    request's instance: co-located stages of two aliases (funnel@champion against funnel@challenger
+    in one ingress replica) served each other's requests (tests/unit/test_stage_batching.py)."""
     s = args.serve
-    method.set_max_batch_size(max(1, s.max_batch_size))
-    method.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0 if s.max_batch_size > 1 else 0.0)
+    return serve.batch(max_batch_size=max(1, s.max_batch_size),
+                       batch_wait_timeout_s=s.batch_wait_ms / 1000.0 if s.max_batch_size > 1 else 0.0)(method)
 
 
 def _store(args: FunnelArgs, store=None):
@@ -116,7 +120,7 @@ class RetrieverStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str, store=None):
         self.store = _store(args, store)
         super().__init__(args, args.serve.retriever, alias)
-        _batching(self._retrieve_batch, args)
+        self._retrieve_batch = _batched(self._retrieve_many, args)
 
     def build(self, model) -> None:
         from serving.funnel import Retriever
@@ -132,8 +136,7 @@ class RetrieverStage(_Registered):
         self.ensure_watch()
         return await self._retrieve_batch((user_key, hist, n, ts))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _retrieve_batch(self, reqs: list[tuple[int, np.ndarray, int, int | None]]) -> list[tuple[Any, str]]:
+    async def _retrieve_many(self, reqs: list[tuple[int, np.ndarray, int, int | None]]) -> list[tuple[Any, str]]:
         """Concurrent requests → one user-tower forward and one FAISS search per distinct n."""
         stage, version = self.stage, self.version
         out: list[Any] = [None] * len(reqs)
@@ -168,7 +171,7 @@ class RankerStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str, store=None):
         self.store = _store(args, store)
         super().__init__(args, args.serve.ranker, alias)
-        _batching(self._rank_batch, args)
+        self._rank_batch = _batched(self._rank_many, args)
 
     def build(self, model) -> None:
         from serving.funnel import Ranker
@@ -182,8 +185,7 @@ class RankerStage(_Registered):
         self.ensure_watch()
         return await self._rank_batch((user_key, hist, keys, k, ts, hist_ts))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _rank_batch(self, reqs: list[tuple]) -> list[tuple[Any, str]]:
+    async def _rank_many(self, reqs: list[tuple]) -> list[tuple[Any, str]]:
         """Concurrent requests → one forward pass over all their candidates."""
         stage, version = self.stage, self.version
         return [(res, version) for res in stage.rank_many(reqs)]
