@@ -101,12 +101,7 @@ class DataConfig:
     num_negatives: int = 4  # sampled per click when the log has no impressions
     negative_sampling: Literal["uniform", "popularity"] = "popularity"
     ctr_prior_strength: float = 20.0  # smoothing of past-only click-through rates
-    num_partitions: int = 8  # Ray Data shuffle partitions
-    # sort-based shuffles have the smaller fixed cost on one machine (benchmarks/RESULTS.md);
-    # hash shuffles scale better on a cluster (configs/large.yaml)
-    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle"] = (
-        "sort_shuffle_pull_based"
-    )
+    num_partitions: int = 8  # partitions of the user and item shuffles (pipeline/shuffle.py)
     progress: bool = True
 
 

@@ -1,9 +1,9 @@
 """Ingest: raw tables → validated events → leak-free examples on disk.
 
-`run_ingest(cfg)` runs on Ray Data: validation and key mapping as `map_batches`,
-the per-user and per-item passes as `groupby(bucket).map_groups` over hash
-buckets of users/items (each call vectorised over many users), the outputs
-written as Parquet per split. `run_ingest_local(cfg, tables)` runs the same pure
+`run_ingest(cfg)` runs on Ray: the read and validation on Ray Data (`map_batches`); the per-user
+and per-item passes as a hash shuffle of plain Ray tasks over buckets of users/items
+(`pipeline.shuffle.map_groups`: each call vectorised over many users); the statistics as one task
+per block; the outputs written as Parquet per split by Ray Data. `run_ingest_local(cfg, tables)` runs the same pure
 functions in one process with pandas: the reference in tests and the baseline
 in benchmarks/pipeline.py.
 
@@ -151,6 +151,17 @@ def _keyed(df: pd.DataFrame, item_index: pd.Index, user_index: pd.Index, buckets
     return out
 
 
+def _accepted(df: pd.DataFrame) -> pd.DataFrame:
+    """The accepted rows of a validated block, without their (empty) reject reason."""
+    df = numpy_frame(df)
+    return df[df["reject_reason"] == ""].drop(columns="reject_reason")
+
+
+def _accepted_keyed(df: pd.DataFrame, item_index: pd.Index, user_index: pd.Index, buckets: int) -> pd.DataFrame:
+    """The user pass's map side: the accepted rows of a validated block, keyed and bucketed."""
+    return _keyed(_accepted(df), item_index, user_index, buckets)
+
+
 def _split_and_bucket(df: pd.DataFrame, t_val: int, t_test: int, buckets: int) -> pd.DataFrame:
     df = numpy_frame(df)
     out = df[examples_mask(df)].copy()
@@ -252,17 +263,20 @@ def run_ingest(cfg: FunnelConfig, raw: RawTables | None = None) -> dict[str, Any
 
 
 def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str, Any]:
-    """Eight executions over the data, each paying Ray Data's fixed start-up cost once: validate
-    (materialised), one pass of per-block statistics, the rejected rows' write (only when there
-    are any), one pass of id counts, the user pass (shuffle, materialised), one pass of its
-    statistics, the item pass (shuffle, materialised), the three writes and one pass of the
-    output statistics. Every statistic the driver needs comes back as per-block partials
-    (`_partials`), catalogue-sized, never event-sized."""
+    """Ray Data reads and validates the events (materialised). From the validated blocks, plain Ray
+    tasks do the rest of the heavy work (`pipeline.shuffle`): per-block statistics, the id counts,
+    the user pass (a shuffle by user bucket), its statistics, the item pass (a shuffle by item
+    bucket, `finalize` fused into its reduce tasks) and the output statistics. Ray Data then writes
+    the three outputs, and the rejects when there are any. Every statistic the driver needs comes
+    back as per-block partials, catalogue-sized, never event-sized. Ray Data's shuffle ran in
+    worker pools of its own, which cost 3 more workers on 2 CPUs; benchmarks/RESULTS.md, "Ingest"."""
+    import ray
     from ray.data.expressions import col
 
     from pipeline.readers import read_source
+    from pipeline.shuffle import block_partials, block_refs, map_groups
 
-    configure_ray_data(cfg.data.progress, cfg.data.shuffle_strategy)
+    configure_ray_data(cfg.data.progress)
     clock = StageClock()
     raw = raw or read_source(cfg)
     plan = make_plan(cfg, raw)
@@ -273,7 +287,8 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
         validate_events, batch_format="pandas", fn_kwargs={"rules": plan.rules, "known_items": known}
     ).materialize()
     clock.mark("read+validate")
-    vs = combine_validated(_partials(validated.select_columns(["reject_reason", "ts"]), validated_stats))
+    vblocks = block_refs(validated)
+    vs = combine_validated(block_partials(vblocks, validated_stats, columns=["reject_reason", "ts"]))
     clock.mark("validated stats")
     if vs["rejected"]:
         validated.filter(expr=col("reject_reason") != "").map_batches(
@@ -282,27 +297,25 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
         clock.mark("write rejects")
     if vs["accepted"] == 0:
         raise ValueError("no event passed validation; see rejects/ for why")
-    acc = validated.filter(expr=col("reject_reason") == "").drop_columns(["reject_reason"])
     t_val, t_test = split_times(vs["ts_min"], vs["ts_max"], cfg.data.val_frac, cfg.data.test_frac)
-    items_n, users_n = combine_id_counts(_partials(acc, both_id_counts, t_val=t_val))
+    items_n, users_n = combine_id_counts(block_partials(vblocks, both_id_counts, {"t_val": t_val}, pre=_accepted))
     clock.mark("id counts")
     cat = _catalog(plan, items_n, users_n)
     ex_ctx = _context(plan, cat, items_n["train_click"])
     del items_n, users_n
 
     buckets = P * 4
-    keyed = acc.map_batches(
-        _keyed, batch_format="pandas",
-        fn_kwargs={"item_index": cat.item_index, "user_index": cat.user_index, "buckets": buckets},
-    )
-    p1 = keyed.groupby("bucket", num_partitions=P).map_groups(
-        annotate_user_events, batch_format="pandas", fn_kwargs={"ctx": ex_ctx}
-    ).materialize()
-    del validated, acc, keyed
+    p1_refs = map_groups(
+        vblocks, "bucket", P, annotate_user_events, {"ctx": ex_ctx}, pre=_accepted_keyed,
+        pre_kwargs={"item_index": cat.item_index, "user_index": cat.user_index, "buckets": buckets},
+        progress=cfg.data.progress, desc="user pass")
+    p1 = ray.data.from_pandas_refs(p1_refs)
+    del validated, vblocks
     clock.mark("user pass")
     as_of = vs["ts_max"] + 1
-    us = combine_user_pass(_partials(p1.select_columns(USER_PASS_STAT_COLUMNS), user_pass_stats, t_val=t_val,
-                                     t_test=t_test, as_of=as_of))
+    us = combine_user_pass(block_partials([(r, None) for r in p1_refs], user_pass_stats,
+                                          {"t_val": t_val, "t_test": t_test, "as_of": as_of},
+                                          columns=USER_PASS_STAT_COLUMNS))
     clock.mark("user pass stats")
     if us["duplicates"]:
         p1.filter(expr=col("dup") == True).map_batches(  # noqa: E712
@@ -310,14 +323,14 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
         clock.mark("write duplicates")
     ft = FeatureTables.from_catalog(cat)
     d = cfg.data
-    exp = p1.map_batches(
-        _split_and_bucket, batch_format="pandas", fn_kwargs={"t_val": t_val, "t_test": t_test, "buckets": buckets})
-    fin = exp.groupby("ibucket", num_partitions=P).map_groups(item_counters, batch_format="pandas").map_batches(
-        finalize, batch_format="pandas",
-        fn_kwargs={"ft": ft, "prior": us["past_prior"], "strength": d.ctr_prior_strength, "long_len": d.long_len,
-                   "short_len": d.short_len, "n_hard": d.max_hard_negatives},
-    ).materialize()
-    del p1, exp
+    fin_refs = map_groups(
+        [(r, None) for r in p1_refs], "ibucket", P, item_counters,
+        pre=_split_and_bucket, pre_kwargs={"t_val": t_val, "t_test": t_test, "buckets": buckets},
+        post=finalize, post_kwargs={"ft": ft, "prior": us["past_prior"], "strength": d.ctr_prior_strength,
+                                    "long_len": d.long_len, "short_len": d.short_len, "n_hard": d.max_hard_negatives},
+        progress=cfg.data.progress, desc="item pass")
+    fin = ray.data.from_pandas_refs(fin_refs)
+    del p1, p1_refs
     clock.mark("item pass")
     fin.map_batches(ranking_rows, batch_format="pandas", fn_kwargs={"n_hard": d.max_hard_negatives}).write_parquet(
         str(out / "ranking"), partition_cols=["split"]
@@ -329,7 +342,8 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     fin.map_batches(click_rows, batch_format="pandas").write_parquet(str(out / "clicks"))
     write_state(out, us["state"], as_of, d.ctr_prior_strength, d.long_len, d.short_len)
     clock.mark("write outputs")
-    summary, moments = combine_output_stats(_partials(fin.select_columns(OUTPUT_STAT_COLUMNS), output_stats))
+    summary, moments = combine_output_stats(block_partials([(r, None) for r in fin_refs], output_stats,
+                                                           columns=OUTPUT_STAT_COLUMNS))
     clock.mark("output stats")
     reasons = vs["reasons"].add(pd.Series({"duplicate_event": us["duplicates"]}), fill_value=0)
     stats = write_meta(out, plan, cat, summary, reasons[reasons > 0].astype(np.int64), vs["rows"],
@@ -337,14 +351,14 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     return stats | {"stage_seconds": clock.seconds}
 
 
-def configure_ray_data(progress: bool, shuffle_strategy: str) -> None:
-    """The driver's Ray Data settings for the ingest; what Ray Data 2.60 costs on a small node is
-    measured in benchmarks/RESULTS.md, "Ingest"."""
+def configure_ray_data(progress: bool) -> None:
+    """The driver's Ray Data settings for the ingest (no Ray Data shuffle is left to configure:
+    `pipeline.shuffle`); what Ray Data 2.60 costs on a small node is measured in
+    benchmarks/RESULTS.md, "Ingest"."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
-    ctx.shuffle_strategy = shuffle_strategy
 
 
 # --------------------------------------------------------------------------- per-block partials
@@ -362,16 +376,3 @@ class StageClock:
         now = time.perf_counter()
         self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
         self._t = now
-
-
-def _partials(ds, fn, **kwargs) -> list:
-    """One execution of `fn(block, **kwargs)` per block, its (small, picklable) results
-    brought back to the driver: several statistics from one pass over the data, instead of one
-    Ray Data aggregation (an execution, often a shuffle) per number."""
-    import pickle
-
-    def run(batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({"blob": [pickle.dumps(fn(batch, **kwargs))]})
-
-    blobs = ds.map_batches(run, batch_format="pandas", batch_size=None).to_pandas()["blob"]
-    return [pickle.loads(b) for b in blobs]

@@ -77,6 +77,5 @@ def ray_session(tmp_path_factory):
     )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
-    ctx.shuffle_strategy = "sort_shuffle_pull_based"
     yield ray
     ray.shutdown()
