@@ -30,28 +30,53 @@ from pathlib import Path
 OUT = Path("benchmarks/out")
 
 
-def _tree_pss(pid: int) -> int:
+def _role(p, root: int) -> str:
+    """Which part of the process tree a process is: the driver, Ray's daemons, or a worker."""
+    if p.pid == root:
+        return "driver"
+    cmd = " ".join(p.cmdline())
+    for key, role in (("SpillWorker", "spill/restore workers"), ("RestoreWorker", "spill/restore workers"),
+                      ("raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard", "dashboard/agents"),
+                      ("DashboardAgent", "dashboard/agents"), ("RuntimeEnvAgent", "dashboard/agents"),
+                      ("autoscaler", "autoscaler monitor"),
+                      ("runtime_env", "dashboard/agents"), ("log_monitor", "log monitor"),
+                      ("_StatsActor", "ray data actors"), ("AutoscalingRequester", "ray data actors"),
+                      ("Coordinator", "ray data actors")):
+        if key in cmd:
+            return role
+    return "task workers" if "ray::" in cmd or "default_worker" in cmd else "other"
+
+
+def _tree_pss(pid: int) -> dict[str, int]:
+    """PSS bytes per role over the process tree of `pid`."""
     import psutil
 
-    total = 0
+    total: dict[str, int] = {}
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return total
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += p.memory_full_info().pss
+            role = _role(p, pid)
+            total[role] = total.get(role, 0) + p.memory_full_info().pss
+            total[f"n {role}"] = total.get(f"n {role}", 0) + 1
     return total
 
 
 class PeakMemory:
+    """The peak of the tree's summed PSS, sampled every 0.2 s, and its breakdown by role at that peak."""
+
     def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self.pid, self.peak, self.at_peak, self._stop = pid, 0, {}, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_pss(self.pid))
+            roles = _tree_pss(self.pid)
+            now = sum(v for k, v in roles.items() if not k.startswith("n "))
+            if now > self.peak:
+                self.peak, self.at_peak = now, roles
             time.sleep(0.2)
 
     def __enter__(self):
@@ -159,6 +184,7 @@ def measure(variant: str, input_dir: Path, object_store: int = 0, partitions: in
         raise RuntimeError(f"{variant} failed:\n{err[-3000:]}")
     res = json.loads(res_file.read_text())
     res["peak_pss_bytes"] = mem.peak
+    res["peak_by_role"] = mem.at_peak
     res["events_per_s"] = res["events"] / res["seconds"]
     return res
 
@@ -168,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=5000, help="simulator users (5000 ≈ 1M events)")
     p.add_argument("--skip-bounded", action="store_true")
     p.add_argument("--skip-scaling", action="store_true", help="only --users, not also /4 and x4")
+    p.add_argument("--only-bounded", action="store_true", help="only the bounded-memory run")
     p.add_argument("--bounded-partitions", type=int, default=16,
                    help="data.num_partitions of the bounded-memory run (more partitions, smaller groups)")
     p.add_argument("--child", choices=["pandas", "ray"], help=argparse.SUPPRESS)
@@ -183,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     OUT.mkdir(parents=True, exist_ok=True)
-    sizes = [args.users] if args.skip_scaling else sorted({args.users // 4, args.users, args.users * 4})
+    sizes = [] if args.only_bounded else [args.users] if args.skip_scaling else sorted(
+        {args.users // 4, args.users, args.users * 4})
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "command": "python -m benchmarks.pipeline " + " ".join(argv or sys.argv[1:]), "sizes": {}}
     for users in sizes:
@@ -221,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["sizes"].values():
         for v, x in r["variants"].items():
             print(f"stages {x['events']:,} {v}: " + ", ".join(f"{k} {t:.1f}" for k, t in x["stage_seconds"].items()))
+            print("  at its peak, MiB by process role: " + ", ".join(
+                f"{k} {b / 2**20:.0f}" for k, b in sorted(x["peak_by_role"].items(), key=lambda kv: -kv[1])
+                if not k.startswith("n ")))
     if "bounded" in result:
         b = result["bounded"]
         print(f"bounded: {b['events']:,} events, input {b['input_arrow_bytes'] / 2**20:.0f} MiB vs object store "
@@ -228,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['partitions']} partitions: {b['seconds']:.1f}s, peak {b['peak_pss_bytes'] / 2**20:.0f} MiB, "
               f"spilled {b['spilled_bytes'] / 2**20:.0f} MiB")
         print("stages bounded: " + ", ".join(f"{k} {t:.1f}" for k, t in b["stage_seconds"].items()))
+        roles = b["peak_by_role"]
+        print("at the peak, MiB by process role: " + ", ".join(
+            f"{k} {v / 2**20:.0f} ({roles.get('n ' + k, 0)})" for k, v in sorted(roles.items(), key=lambda kv: -kv[1])
+            if not k.startswith("n ")))
     print(f"wrote {OUT / 'pipeline.json'}")
     return 0
 

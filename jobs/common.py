@@ -48,8 +48,15 @@ def ray_startup_env() -> None:
     the next stage started new processes that import pandas, pyarrow and the pipeline again.
     The ingest at 1M events spent 71 s instead of 33 s that way (benchmarks/RESULTS.md,
     "Ingest"). Idle workers now live 30 s. `ray_cluster.yaml` sets the same on every node.
+
+    A local cluster also keeps one spill/restore I/O worker, not Ray's default of 4. When the input
+    is larger than the object store, 2 spill and 4 restore workers of ~50 MB each are more
+    processes than 2 cores can keep busy. With one, the bounded-memory ingest peaks ~270 MB lower
+    in the same time (benchmarks/RESULTS.md, "Ingest"). A cluster node keeps Ray's default.
     """
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "30000")
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_max_io_workers", "1")
 
 
 def serve_startup_env() -> None:
