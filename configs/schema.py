@@ -209,7 +209,6 @@ class ServeConfig:
     reload_s: float = 30.0  # how often a stage checks whether its registry alias moved
     max_batch_size: int = 16  # @serve.batch: concurrent requests per forward pass (retriever, ranker); 1 = off
     batch_wait_ms: float = 2.0  # how long a batch waits to fill
-    forward_in_thread: bool = False  # the ranker's forward pass on a thread of its own, off the event loop
     max_ongoing_requests: int = 32  # per replica (Serve's default, 5, also caps every @serve.batch at 5)
     event_log: str = "runs/served_events"
     # the event log is written as a segment when this many rows wait or this often (a crash loses

@@ -119,33 +119,21 @@ class Ranker:
     def __init__(self, model: torch.nn.Module, store: FeatureStore):
         self.model, self.store = model.eval(), store
 
+    @torch.inference_mode()
     def rank_many(self, reqs: list[tuple]) -> list[Scored]:
         """(user key, history, candidate keys, k, ts[, history click times]) per request → top-k of
         each, one forward pass."""
-        return self.top_k(reqs, self.probabilities(self.batch_of(reqs)))
-
-    def batch_of(self, reqs: list[tuple]) -> dict[str, torch.Tensor] | None:
-        """The rows of every request's candidates, concatenated: one model batch (None: no candidates).
-        Reads the online state, so it runs where the state is written (the replica's event loop)."""
+        sizes = [len(r[2]) for r in reqs]
         rows = [self.store.ranking_batch(r[0], r[1], np.asarray(r[2], dtype=np.int64), r[4],
                                          seq_len=self.model.spec.seq_len, hist_ts=r[5] if len(r) > 5 else None,
                                          spec=self.model.spec)
                 for r in reqs if len(r[2])]
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else None
-
-    @torch.inference_mode()
-    def probabilities(self, batch: dict[str, torch.Tensor] | None) -> np.ndarray:
-        """The click probability of every row of `batch`. Touches only the model and the batch, so
-        it may run on another thread (`serve.forward_in_thread`)."""
-        if batch is None:
-            return np.zeros(0, np.float32)
-        return torch.sigmoid(self.model(batch).logits.float()).numpy()
-
-    @staticmethod
-    def top_k(reqs: list[tuple], p: np.ndarray) -> list[Scored]:
+        p = np.zeros(0, np.float32)
+        if rows:
+            batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+            p = torch.sigmoid(self.model(batch).logits.float()).numpy()
         out, start = [], 0
-        for (_, _, keys, k, *_) in reqs:
-            c = len(keys)
+        for (_, _, keys, k, *_), c in zip(reqs, sizes, strict=True):
             pi = p[start:start + c]
             start += c
             top = np.argsort(-pi, kind="stable")[:k]

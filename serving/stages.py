@@ -21,7 +21,6 @@ old one and swaps — requests in flight finish on the old model, none is droppe
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from typing import Any
 
 import numpy as np
@@ -173,10 +172,6 @@ class RankerStage(_Registered):
         self.store = _store(args, store)
         super().__init__(args, args.serve.ranker, alias)
         self._rank_batch = _batched(self._rank_many, args)
-        # one thread of its own for the forward pass: the event loop keeps reading, building and
-        # answering other requests meanwhile (torch releases the GIL inside its kernels)
-        self._forward = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rank-forward")
-                         if args.serve.forward_in_thread else None)
 
     def build(self, model) -> None:
         from serving.funnel import Ranker
@@ -193,12 +188,7 @@ class RankerStage(_Registered):
     async def _rank_many(self, reqs: list[tuple]) -> list[tuple[Any, str]]:
         """Concurrent requests → one forward pass over all their candidates."""
         stage, version = self.stage, self.version
-        batch = stage.batch_of(reqs)  # on the loop: it reads the online state the loop writes
-        if self._forward is None:
-            p = stage.probabilities(batch)
-        else:
-            p = await asyncio.get_running_loop().run_in_executor(self._forward, stage.probabilities, batch)
-        return [(res, version) for res in stage.top_k(reqs, p)]
+        return [(res, version) for res in stage.rank_many(reqs)]
 
 
 STAGES = {"retriever": RetrieverStage, "preranker": PrerankerStage, "ranker": RankerStage}

@@ -21,22 +21,15 @@ class _Stage:
     def __init__(self, alias: str):
         self.alias = alias
 
-    def batch_of(self, reqs):
-        return reqs
-
-    def probabilities(self, batch):
-        return [self.alias] * len(batch)
-
-    def top_k(self, reqs, p):
-        assert len(p) == len(reqs)
-        return p
+    def rank_many(self, reqs):
+        return [self.alias] * len(reqs)
 
     def retrieve_many(self, users, hists, n, ts):
         return [self.alias] * len(users)
 
 
-@pytest.fixture(params=[False, True], ids=["forward on the loop", "forward in a thread"])
-def stages(monkeypatch, request):
+@pytest.fixture
+def stages(monkeypatch):
     from ray.serve import batching
 
     from serving import stages as st
@@ -50,8 +43,7 @@ def stages(monkeypatch, request):
 
     monkeypatch.setattr(st._Registered, "__init__", registered)
     cfg = load_config("configs/tiny.yaml")
-    args = FunnelArgs(data_dir="x", serve=cfg.serve.__class__(**{**cfg.serve.__dict__, "reload_s": 0,
-                                                                    "forward_in_thread": request.param}))
+    args = FunnelArgs(data_dir="x", serve=cfg.serve.__class__(**{**cfg.serve.__dict__, "reload_s": 0}))
     store = object()
     return {kind: [cls.func_or_class(args, alias, store=store) for alias in ("champion", "challenger")]
             for kind, cls in (("ranker", st.RankerStage), ("retriever", st.RetrieverStage))}
