@@ -69,6 +69,7 @@ class PeakMemory:
 
     def __init__(self, pid: int):
         self.pid, self.peak, self.at_peak, self._stop = pid, 0, {}, threading.Event()
+        self.t0, self.t_peak = time.perf_counter(), 0.0
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -76,7 +77,7 @@ class PeakMemory:
             roles = _tree_pss(self.pid)
             now = sum(v for k, v in roles.items() if not k.startswith("n "))
             if now > self.peak:
-                self.peak, self.at_peak = now, roles
+                self.peak, self.at_peak, self.t_peak = now, roles, time.perf_counter() - self.t0
             time.sleep(0.2)
 
     def __enter__(self):
@@ -169,6 +170,20 @@ def _spilled_bytes() -> int:
     return 0
 
 
+def _stage_at(res: dict, t: float) -> str:
+    """The ingest stage running `t` seconds after the child started (its stage clock starts once
+    the cluster is up: `seconds_with_start - seconds` after the start), to within the child's own
+    import time (~2 s), which the parent's clock also counts."""
+    clock = res["seconds_with_start"] - res["seconds"]
+    if t < clock:
+        return "start-up"
+    for name, dt in res["stage_seconds"].items():
+        clock += dt
+        if t < clock:
+            return name
+    return "after the ingest"
+
+
 def measure(variant: str, input_dir: Path, object_store: int = 0, partitions: int = 4) -> dict:
     out_dir = OUT / f"ingest-{variant}"
     res_file = OUT / f"result-{variant}.json"
@@ -185,6 +200,7 @@ def measure(variant: str, input_dir: Path, object_store: int = 0, partitions: in
     res = json.loads(res_file.read_text())
     res["peak_pss_bytes"] = mem.peak
     res["peak_by_role"] = mem.at_peak
+    res["peak_stage"] = _stage_at(res, mem.t_peak)
     res["events_per_s"] = res["events"] / res["seconds"]
     return res
 
@@ -260,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
               f"spilled {b['spilled_bytes'] / 2**20:.0f} MiB")
         print("stages bounded: " + ", ".join(f"{k} {t:.1f}" for k, t in b["stage_seconds"].items()))
         roles = b["peak_by_role"]
-        print("at the peak, MiB by process role: " + ", ".join(
+        print(f"the peak fell in: {b['peak_stage']}; at the peak, MiB by process role: " + ", ".join(
             f"{k} {v / 2**20:.0f} ({roles.get('n ' + k, 0)})" for k, v in sorted(roles.items(), key=lambda kv: -kv[1])
             if not k.startswith("n ")))
     print(f"wrote {OUT / 'pipeline.json'}")

@@ -3,9 +3,10 @@
 `run_ingest(cfg)` runs on Ray: the read and validation on Ray Data (`map_batches`); the per-user
 and per-item passes as a hash shuffle of plain Ray tasks over buckets of users/items
 (`pipeline.shuffle.map_groups`: each call vectorised over many users); the statistics as one task
-per block; the outputs written as Parquet per split by Ray Data. `run_ingest_local(cfg, tables)` runs the same pure
-functions in one process with pandas: the reference in tests and the baseline
-in benchmarks/pipeline.py.
+per block; the outputs written as Parquet per split, one task per finalised partition
+(`pipeline.outputs.write_examples`, the same writer as the single-process path).
+`run_ingest_local(cfg, tables)` runs the same pure functions in one process with pandas: the
+reference in tests and the baseline in benchmarks/pipeline.py.
 
 Output folder:
   ranking/split=*/   one row per exposure (impression, unpaired click, or sampled negative)
@@ -27,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from configs import FunnelConfig
 from pipeline.catalog import BaseVocabs, Catalog, FeatureTables, build_catalog, finalize
@@ -40,10 +40,8 @@ from pipeline.examples import (
     numpy_frame,
 )
 from pipeline.outputs import (
-    click_rows,
     output_folder,
-    ranking_rows,
-    retrieval_rows,
+    write_examples,
     write_meta,
 )
 from pipeline.partials import (
@@ -170,6 +168,13 @@ def _split_and_bucket(df: pd.DataFrame, t_val: int, t_test: int, buckets: int) -
     return out
 
 
+def _write_and_stats(df: pd.DataFrame, out: str, ft: FeatureTables, n_hard: int, profile: list[str],
+                     part: int) -> Any:
+    """A finalised partition's three outputs written (`write_examples`); its output statistics returned."""
+    write_examples(df, out, ft, n_hard, profile, part)
+    return output_stats(df[OUTPUT_STAT_COLUMNS])
+
+
 def _dup_rejects(df: pd.DataFrame) -> pd.DataFrame:
     df = numpy_frame(df)
     d = df[df["dup"]].copy()
@@ -236,11 +241,7 @@ def _ingest_local(cfg: FunnelConfig, out: Path, raw_events: pd.DataFrame, raw: R
     fin = finalize(p2, ft, us["past_prior"], d.ctr_prior_strength, d.long_len, d.short_len, d.max_hard_negatives)
     fin = fin.sort_values(["ts", "user_key", "item_key", "request_id"], kind="stable").reset_index(drop=True)
     clock.mark("finalize")
-    ranking_rows(fin, d.max_hard_negatives).to_parquet(out / "ranking", partition_cols=["split"], index=False)
-    pq.write_to_dataset(retrieval_rows(fin, ft, d.max_hard_negatives, cat.profile_fields), out / "retrieval",
-                        partition_cols=["split"])
-    (out / "clicks").mkdir()
-    click_rows(fin).to_parquet(out / "clicks" / "part-0.parquet", index=False)
+    write_examples(fin, out, ft, d.max_hard_negatives, cat.profile_fields)
     write_state(out, us["state"], up.as_of, d.ctr_prior_strength, d.long_len, d.short_len)
     clock.mark("write outputs")
     all_rejects = pd.concat([rejected, dups], ignore_index=True)
@@ -266,8 +267,9 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     """Ray Data reads and validates the events (materialised). From the validated blocks, plain Ray
     tasks do the rest of the heavy work (`pipeline.shuffle`): per-block statistics, the id counts,
     the user pass (a shuffle by user bucket), its statistics, the item pass (a shuffle by item
-    bucket, `finalize` fused into its reduce tasks) and the output statistics. Ray Data then writes
-    the three outputs, and the rejects when there are any. Every statistic the driver needs comes
+    bucket, `finalize` fused into its reduce tasks), then one task per finalised partition that
+    writes its three outputs and returns its output statistics. Ray Data writes the rejects when
+    there are any. Every statistic the driver needs comes
     back as per-block partials, catalogue-sized, never event-sized. Ray Data's shuffle ran in
     worker pools of its own, which cost 3 more workers on 2 CPUs; benchmarks/RESULTS.md, "Ingest"."""
     import ray
@@ -329,22 +331,15 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
         post=finalize, post_kwargs={"ft": ft, "prior": us["past_prior"], "strength": d.ctr_prior_strength,
                                     "long_len": d.long_len, "short_len": d.short_len, "n_hard": d.max_hard_negatives},
         progress=cfg.data.progress, desc="item pass")
-    fin = ray.data.from_pandas_refs(fin_refs)
     del p1, p1_refs
     clock.mark("item pass")
-    fin.map_batches(ranking_rows, batch_format="pandas", fn_kwargs={"n_hard": d.max_hard_negatives}).write_parquet(
-        str(out / "ranking"), partition_cols=["split"]
-    )
-    fin.map_batches(
-        retrieval_rows, batch_format="pandas",
-        fn_kwargs={"ft": ft, "n_hard": d.max_hard_negatives, "profile": cat.profile_fields},
-    ).write_parquet(str(out / "retrieval"), partition_cols=["split"])
-    fin.map_batches(click_rows, batch_format="pandas").write_parquet(str(out / "clicks"))
+    # one task per finalised partition writes its three outputs and returns its output statistics
+    summary, moments = combine_output_stats(block_partials(
+        [(r, None) for r in fin_refs], _write_and_stats, index_arg="part",
+        fn_kwargs={"out": str(out), "ft": ft, "n_hard": d.max_hard_negatives, "profile": cat.profile_fields}))
+    del fin_refs
     write_state(out, us["state"], as_of, d.ctr_prior_strength, d.long_len, d.short_len)
-    clock.mark("write outputs")
-    summary, moments = combine_output_stats(block_partials([(r, None) for r in fin_refs], output_stats,
-                                                           columns=OUTPUT_STAT_COLUMNS))
-    clock.mark("output stats")
+    clock.mark("write outputs + output stats")
     reasons = vs["reasons"].add(pd.Series({"duplicate_event": us["duplicates"]}), fill_value=0)
     stats = write_meta(out, plan, cat, summary, reasons[reasons > 0].astype(np.int64), vs["rows"],
                        vs["accepted"] - us["duplicates"], t_val, t_test, us["prior"], moments)

@@ -119,6 +119,23 @@ def ranking_rows(df: pd.DataFrame, n_hard: int) -> pd.DataFrame:
     return df.drop(columns=["n_hard", "click_ts", *[f"hard_neg_{j}" for j in range(n_hard)]])
 
 
+def write_examples(df: pd.DataFrame, out: str | Path, ft: FeatureTables, n_hard: int, profile: list[str],
+                   part: int = 0) -> None:
+    """The three example outputs of a frame of finalised rows, as Parquet: ranking/ and retrieval/
+    partitioned by split, and clicks/. The file names carry `part`, so the parts of several writers
+    land side by side, and a retried part overwrites its own files."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    name = f"part-{part:05d}-{{i}}.parquet"
+    pq.write_to_dataset(pa.Table.from_pandas(ranking_rows(df, n_hard), preserve_index=False), out / "ranking",
+                        partition_cols=["split"], basename_template=name)
+    pq.write_to_dataset(retrieval_rows(df, ft, n_hard, profile), out / "retrieval", partition_cols=["split"],
+                        basename_template=name)
+    (out / "clicks").mkdir(parents=True, exist_ok=True)
+    click_rows(df).to_parquet(out / "clicks" / f"part-{part:05d}.parquet", index=False)
+
+
 def click_rows(df: pd.DataFrame) -> pd.DataFrame:
     df = numpy_frame(df)
     c = df[df["label"] == 1]

@@ -52,23 +52,25 @@ def _as_frame(block: Any, rows: tuple[int, int] | None) -> Frame:
 
 
 def _partial(block: Any, rows: tuple[int, int] | None, columns: list[str] | None, pre: Fn | None,
-             pre_kwargs: dict, fn: Callable[..., Any], fn_kwargs: dict) -> Any:
+             pre_kwargs: dict, fn: Callable[..., Any], fn_kwargs: dict, index: dict) -> Any:
     df = _as_frame(block, rows)
     if pre is not None:
         df = pre(df, **pre_kwargs)
-    return fn(df if columns is None else df[columns], **fn_kwargs)
+    return fn(df if columns is None else df[columns], **fn_kwargs, **index)
 
 
 def block_partials(blocks: list[tuple[Any, tuple[int, int] | None]], fn: Callable[..., Any],
                    fn_kwargs: dict | None = None, *, columns: list[str] | None = None, pre: Fn | None = None,
-                   pre_kwargs: dict | None = None) -> list[Any]:
+                   pre_kwargs: dict | None = None, index_arg: str | None = None) -> list[Any]:
     """`fn(pre(block)[columns], **fn_kwargs)` for every block, one task each, brought back to the
-    driver. Use it for catalogue-sized partial statistics, never for event-sized results."""
+    driver; with `index_arg`, each call also gets the block's position under that name. Use it for
+    catalogue-sized results (partial statistics), never for event-sized ones."""
     import ray
 
     task = ray.remote(_partial)
     pre_kw, fn_kw = ray.put(pre_kwargs or {}), ray.put(fn_kwargs or {})
-    return ray.get([task.remote(ref, rows, columns, pre, pre_kw, fn, fn_kw) for ref, rows in blocks])
+    return ray.get([task.remote(ref, rows, columns, pre, pre_kw, fn, fn_kw, {index_arg: i} if index_arg else {})
+                    for i, (ref, rows) in enumerate(blocks)])
 
 
 def _split(block: Any, rows: tuple[int, int] | None, pre: Fn | None, pre_kwargs: dict, key: str,
