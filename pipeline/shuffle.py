@@ -51,11 +51,15 @@ def _as_frame(block: Any, rows: tuple[int, int] | None) -> Frame:
     return df if rows is None else df.iloc[rows[0]:rows[1]]
 
 
+def _prepared(block: Any, rows: tuple[int, int] | None, pre: Fn | None, pre_kwargs: dict) -> Frame:
+    """A block (or its row slice) as pandas, through `pre` when given: what every task starts from."""
+    df = _as_frame(block, rows)
+    return df if pre is None else pre(df, **pre_kwargs)
+
+
 def _partial(block: Any, rows: tuple[int, int] | None, columns: list[str] | None, pre: Fn | None,
              pre_kwargs: dict, fn: Callable[..., Any], fn_kwargs: dict, index: dict) -> Any:
-    df = _as_frame(block, rows)
-    if pre is not None:
-        df = pre(df, **pre_kwargs)
+    df = _prepared(block, rows, pre, pre_kwargs)
     return fn(df if columns is None else df[columns], **fn_kwargs, **index)
 
 
@@ -75,9 +79,7 @@ def block_partials(blocks: list[tuple[Any, tuple[int, int] | None]], fn: Callabl
 
 def _split(block: Any, rows: tuple[int, int] | None, pre: Fn | None, pre_kwargs: dict, key: str,
            parts: int) -> tuple[Frame, ...] | Frame:
-    df = _as_frame(block, rows)
-    if pre is not None:
-        df = pre(df, **pre_kwargs)
+    df = _prepared(block, rows, pre, pre_kwargs)
     if parts == 1:
         return df
     p = df[key].to_numpy() % parts
