@@ -269,9 +269,9 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     the user pass (a shuffle by user bucket), its statistics, the item pass (a shuffle by item
     bucket, `finalize` fused into its reduce tasks), then one task per finalised partition that
     writes its three outputs and returns its output statistics. Ray Data writes the rejects when
-    there are any. Every statistic the driver needs comes
-    back as per-block partials, catalogue-sized, never event-sized. Ray Data's shuffle ran in
-    worker pools of its own, which cost 3 more workers on 2 CPUs; benchmarks/RESULTS.md, "Ingest"."""
+    there are any. Every statistic the driver needs comes back as per-block partials,
+    catalogue-sized, never event-sized. Ray Data's shuffle ran in worker pools of its own, which
+    cost 3 more workers on 2 CPUs; benchmarks/RESULTS.md, "Ingest"."""
     import ray
     from ray.data.expressions import col
 
@@ -356,7 +356,7 @@ def configure_ray_data(progress: bool) -> None:
     ctx.enable_progress_bars = progress
 
 
-# --------------------------------------------------------------------------- per-block partials
+# --------------------------------------------------------------------------- stage times
 
 
 class StageClock:
