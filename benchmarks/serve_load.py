@@ -17,7 +17,9 @@ variant (each a comma-separated list of config overrides, e.g. `serve.colocate=f
 ingress, on in Funnel's local clusters: jobs/common.py) and through Serve's HTTP proxy.
 Where the time goes: each level also records the CPU seconds every process on the machine spent
 during it (Linux /proc), per request, grouped as the ingress replica, the other Serve replicas
-(stages), Serve's proxy, the load generator and the rest of Ray.
+(stages), Serve's proxy, the load generator and the rest of Ray, and the ingress replica's full
+(generation 2) garbage collections during it, from its /healthz (serving/pauses.py). The generator
+freezes its own heap before each level, so its collector does not stall the sends it times.
 Prints a table and the highest QPS with p99 < 100 ms and no errors per variant; writes JSON.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -101,6 +104,35 @@ async def _level(url: str, path: str, bodies: list[dict], qps: float, duration: 
             "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "first_error": first_error}
 
 
+def _gc(url: str) -> dict:
+    """The ingress replica's collector pauses so far (/healthz "gc"; {} if it does not say, e.g.
+    behind serve.auth_all, which the load's requests do not send a token for either)."""
+    import requests
+
+    try:
+        return requests.get(f"{url}/healthz", timeout=10).json().get("gc", {})
+    except Exception:
+        return {}
+
+
+def _gc_cell(d: dict) -> str:
+    """"2 × ≤331 ms" (full collections in the level × the longest), "0", or "?" when unknown."""
+    if not d:
+        return "?"
+    return f"{d['gen2_collections']} × ≤{d['gen2_max_ms']:.0f} ms" if d["gen2_collections"] else "0"
+
+
+def _gc_delta(before: dict, after: dict) -> dict:
+    """Full (generation 2) collections of the ingress replica during a level: how many, their total
+    and the longest (of the last 64 the replica keeps)."""
+    b, a = before.get("gen2"), after.get("gen2")
+    if not a or not b:
+        return {}
+    n = a["count"] - b["count"]
+    new = after.get("recent_full_ms", [])[-n:] if n else []
+    return {"gen2_collections": n, "gen2_ms": a["total_ms"] - b["total_ms"], "gen2_max_ms": max(new, default=0.0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/small.yaml")
@@ -136,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
               "/recommend": [float(x) for x in a.recommend_levels.split(",") if x] or doubling}
     rows = []
     print(f"{'variant':<34} {'endpoint':<11} {'target':>7} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-          f"{'CPU ms/request: ingress':>8} {'stages':>7} {'proxy':>6} {'all':>6}", flush=True)
+          f"{'CPU ms/request: ingress':>8} {'stages':>7} {'proxy':>6} {'all':>6} {'ingress gen2 GC':>14}", flush=True)
     best: dict[str, float] = {}
     for variant in variants:
         urls = {"given": a.url} if a.url else {}
@@ -154,15 +186,18 @@ def main(argv: list[str] | None = None) -> int:
                 if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
                     asyncio.run(_level(url, path, bodies, levels[path][0], a.warmup))
                 for qps in levels[path]:
-                    before = _cpu_seconds()
+                    gc.collect()
+                    gc.freeze()  # the generator's own heap out of its collector: its pauses are not the server's
+                    g0, before = _gc(url), _cpu_seconds()
                     r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"variant": name}
-                    after = _cpu_seconds()
+                    after, g1 = _cpu_seconds(), _gc(url)
                     r["cpu_ms_per_request"] = {g: 1000 * (after[g] - before[g]) / max(1, r["requests"]) for g in after}
+                    r["ingress_gc"] = _gc_delta(g0, g1)
                     rows.append(r)
                     c = r["cpu_ms_per_request"]
                     print(f"{name:<34} {path:<11} {qps:>7g} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
                           f"{r['p99_ms']:>8.1f} {r['errors']:>7} {c['ingress']:>8.1f} {c['stages']:>7.1f} "
-                          f"{c['proxy']:>6.1f} {sum(c.values()):>6.1f}", flush=True)
+                          f"{c['proxy']:>6.1f} {sum(c.values()):>6.1f} {_gc_cell(r['ingress_gc']):>14}", flush=True)
                     if r["errors"]:
                         print(f"  first error: {r['first_error']}", flush=True)
                     if r["p99_ms"] >= SLO_MS or r["errors"]:

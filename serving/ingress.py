@@ -103,6 +103,7 @@ class Funnel:
         FeatureStore, and awaited in-process."""
         from serving.features import FeatureStore
         from serving.guard import read_token
+        from serving.pauses import GcPauses, freeze
         from serving.router import ArmRouter, EventLog, ServedRequests
 
         self.args = args
@@ -125,6 +126,9 @@ class Funnel:
         self.log = EventLog(args.serve.event_log, args.serve.event_log_max_rows, args.serve.event_log_flush_s)
         self.served = shared[1] if shared else ServedRequests(args.serve.served_requests)
         self.popular = self.store.item_ids(self.store.popular[:100])  # the popularity arm's slate
+        self.pauses = GcPauses().install()  # the collector's pauses, reported by /healthz
+        if args.serve.gc_freeze:
+            freeze()  # everything loaded so far is long-lived: no full collection walks it again
 
     async def _call(self, kind: str, alias: str, method: str, *a) -> Any:
         """A stage method, in-process or through its handle."""
@@ -166,6 +170,7 @@ class Funnel:
                 "event_log": {"pending_rows": self.log.pending(), "written_rows": self.log.written_rows,
                               "failed_flushes": self.log.failed_flushes},
                 "state": self.store.state.counters() | {"backend": self.args.serve.state_backend},
+                "gc": self.pauses.snapshot(),
                 "replica": _replica_id()}
 
     @api.post("/retrieve")

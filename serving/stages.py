@@ -32,7 +32,9 @@ from serving.schemas import FunnelArgs
 class _Registered:
     """A model held by alias: load, and reload when the alias points elsewhere."""
 
-    def __init__(self, args: FunnelArgs, model: str, alias: str):
+    def __init__(self, args: FunnelArgs, model: str, alias: str, own_replica: bool = False):
+        """`own_replica`: this stage is a deployment of its own (not built by the co-located ingress,
+        which freezes its heap once everything is loaded): freeze it here (serving/pauses.py)."""
         import mlflow
 
         from training.registry import registered_name
@@ -43,6 +45,10 @@ class _Registered:
         self.version = ""
         self._load()
         self._task = None
+        if own_replica and args.serve.gc_freeze:
+            from serving.pauses import freeze
+
+            freeze()
 
     def _resolve(self) -> str:
         import mlflow
@@ -67,9 +73,10 @@ class _Registered:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.args.serve.reload_s)
-            try:
-                if self._resolve() != self.version:
-                    await asyncio.get_running_loop().run_in_executor(None, self._load)
+            try:  # the registry query off the event loop too: a SQL round trip (3-40 ms) per stage
+                loop = asyncio.get_running_loop()
+                if await loop.run_in_executor(None, self._resolve) != self.version:
+                    await loop.run_in_executor(None, self._load)
             except Exception as e:  # a registry hiccup must not kill serving
                 print(f"[serve] {self.name}@{self.alias}: reload check failed: {e}", flush=True)
 
@@ -119,7 +126,7 @@ def _store(args: FunnelArgs, store=None):
 class RetrieverStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str, store=None):
         self.store = _store(args, store)
-        super().__init__(args, args.serve.retriever, alias)
+        super().__init__(args, args.serve.retriever, alias, own_replica=store is None)
         self._retrieve_batch = _batched(self._retrieve_many, args)
 
     def build(self, model) -> None:
@@ -152,7 +159,7 @@ class RetrieverStage(_Registered):
 class PrerankerStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str, store=None):
         self.store = _store(args, store)
-        super().__init__(args, args.serve.preranker, alias)
+        super().__init__(args, args.serve.preranker, alias, own_replica=store is None)
 
     def build(self, model) -> None:
         from serving.funnel import Preranker
@@ -170,7 +177,7 @@ class PrerankerStage(_Registered):
 class RankerStage(_Registered):
     def __init__(self, args: FunnelArgs, alias: str, store=None):
         self.store = _store(args, store)
-        super().__init__(args, args.serve.ranker, alias)
+        super().__init__(args, args.serve.ranker, alias, own_replica=store is None)
         self._rank_batch = _batched(self._rank_many, args)
 
     def build(self, model) -> None:
