@@ -65,7 +65,7 @@ def _stage_models(cfg, alias: str, ranker_uri: str | None):
     retr, mv = out["retriever"]
     index = index_for_version(retr, mv.run_id, mv.version, cfg.data.output, cfg.serve.index_factory)
     return (store, Retriever(retr, index, store, cfg.serve.popular_n),
-            Preranker(out["preranker"][0], store, cfg.serve.retrieval_weight), Ranker(out["ranker"][0], store))
+            Preranker(out["preranker"][0], store, cfg.serve.retrieval_weight), Ranker(out["ranker"][0], store, cfg.serve.prerank_weight))
 
 
 def hold_numeric(store, prefix: str) -> None:
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
             got = retriever.retrieve(uk, hist, s.retrieve_top_n)
             pre = preranker.prerank(uk, hist, got, s.prerank_top_m, ts)
-            slate = np.array([int(x) for x in store.item_ids(ranker.rank(uk, hist, pre.keys, k, ts, hist_ts).keys)])
+            slate = np.array([int(x) for x in store.item_ids(  # as served: with serve.prerank_weight's fusion
+                ranker.rank(uk, hist, pre.keys, k, ts, hist_ts, pre.scores if s.prerank_weight else None).keys)])
             p_funnel = ctr(slate)
             sums["funnel"] += float(p_funnel.mean())
             sums["ceiling: world's best k of the retrieved"] += best_of(got.keys)

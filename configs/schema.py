@@ -206,6 +206,9 @@ class ServeConfig:
     index_factory: str = "Flat"  # FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, ...
     popular_n: int = 100  # the popularity recall channel beside FAISS
     retrieval_weight: float = 0.0  # pre-ranking score = LREA logit + this * retrieval score
+    # the funnel's ranking order = ranker logit + this * pre-rank score (0 = the ranker alone; /rank,
+    # which gets no pre-rank scores, always ranks by the ranker alone)
+    prerank_weight: float = 0.0
     reload_s: float = 30.0  # how often a stage checks whether its registry alias moved
     max_batch_size: int = 16  # @serve.batch: concurrent requests per forward pass (retriever, ranker); 1 = off
     batch_wait_ms: float = 2.0  # how long a batch waits to fill

@@ -9,7 +9,8 @@ and tests and the A/B simulation can run them in-process.
   bounded LRU), then O(r·d) per candidate; optionally fused with the retrieval score,
   `s = lrea_logit + w · retrieval_score` → top-M.
 - `Ranker`: a CTR model (CDNet, DLF, or AdaF2M2's main path) over the candidates → top-K
-  with probabilities.
+  with probabilities; in the funnel optionally ordered by its logit + w · the pre-rank score
+  (`serve.prerank_weight`).
 
 `Retriever.retrieve_many` and `Ranker.rank_many` serve several requests with one forward
 pass (the Serve stages feed them through `@serve.batch`); `retrieve` / `rank` are the
@@ -35,7 +36,20 @@ class Scored:
     pos: np.ndarray | None = None  # (n,) where each came from in the stage's input candidates (pre-ranking, ranking)
 
 
+def _scores_of(keys: np.ndarray, found: np.ndarray, scores: np.ndarray, default: float) -> np.ndarray:
+    """Each key's score where the index returned it (`found`, `scores`), else `default`."""
+    order = np.argsort(found, kind="stable")
+    at = np.minimum(np.searchsorted(found[order], keys), max(len(found) - 1, 0))
+    hit = found[order][at] == keys if len(found) else np.zeros(len(keys), bool)
+    return np.where(hit, scores[order][at] if len(found) else default, default).astype(np.float32)
+
+
 class Retriever:
+    """The recall stage: popularity's `popular_n` and the index's best n items not among them
+    (n + popular_n distinct candidates: a retriever that ranks popular items high is backfilled from
+    its next ranks, the way `training.retrieval.served_recall` measures it). A popular item the
+    index also returned keeps its retrieval score; the others get the lowest retrieved score."""
+
     def __init__(self, model: torch.nn.Module, index: ItemIndex, store: FeatureStore, popular_n: int = 100):
         self.model, self.index, self.store, self.popular_n = model.eval(), index, store, popular_n
 
@@ -62,18 +76,16 @@ class Retriever:
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if use:
             vecs = self.user_vectors([user_keys[i] for i in use], [hists[i] for i in use], [ts[i] for i in use])
-            scores, keys = self.index.search(vecs, n)
+            scores, keys = self.index.search(vecs, n + self.popular_n)  # n of them beside the popular
             found = {i: (scores[j], keys[j]) for j, i in enumerate(use)}
         pop = self.store.popular[: self.popular_n]
         out = []
         for i in range(len(hists)):
-            scores, keys = found.get(i, (np.zeros(0, np.float32), np.zeros(0, np.int64)))
-            ok = keys > 0
-            scores, keys = scores[ok], keys[ok]
-            extra = pop[~np.isin(pop, keys)]
+            all_s, all_k = found.get(i, (np.zeros(0, np.float32), np.zeros(0, np.int64)))
+            ok = np.flatnonzero((all_k > 0) & ~np.isin(all_k, pop))[:n]  # the index's best n not already popular
+            scores, keys = all_s[ok], all_k[ok]
             floor = float(scores.min()) if len(scores) else 0.0
-            out.append(Scored(np.concatenate([keys, extra]),
-                              np.concatenate([scores, np.full(len(extra), floor, np.float32)])))
+            out.append(Scored(np.concatenate([keys, pop]), np.concatenate([scores, _scores_of(pop, all_k, all_s, floor)])))
         return out
 
     def retrieve(self, user_key: int, hist: np.ndarray, n: int, ts: int | None = None) -> Scored:
@@ -116,30 +128,38 @@ class Preranker:
 
 
 class Ranker:
-    def __init__(self, model: torch.nn.Module, store: FeatureStore):
-        self.model, self.store = model.eval(), store
+    """`prior_weight` w (serve.prerank_weight): a request that sends its candidates' pre-rank
+    scores (the funnel's, from the `Preranker`) is ordered by ranker logit + w · pre-rank score, a
+    late fusion of two models whose errors are partly independent (benchmarks/RESULTS.md, "The
+    ranking stage, term by term"). The scores returned stay the ranker's probabilities."""
+
+    def __init__(self, model: torch.nn.Module, store: FeatureStore, prior_weight: float = 0.0):
+        self.model, self.store, self.prior_weight = model.eval(), store, float(prior_weight)
 
     @torch.inference_mode()
     def rank_many(self, reqs: list[tuple]) -> list[Scored]:
-        """(user key, history, candidate keys, k, ts[, history click times]) per request → top-k of
-        each, one forward pass."""
+        """(user key, history, candidate keys, k, ts[, history click times[, prior]]) per request →
+        top-k of each, one forward pass. `prior`: (n,) the candidates' pre-rank scores, or None."""
         sizes = [len(r[2]) for r in reqs]
         rows = [self.store.ranking_batch(r[0], r[1], np.asarray(r[2], dtype=np.int64), r[4],
                                          seq_len=self.model.spec.seq_len, hist_ts=r[5] if len(r) > 5 else None,
                                          spec=self.model.spec)
                 for r in reqs if len(r[2])]
-        p = np.zeros(0, np.float32)
+        z = p = np.zeros(0, np.float32)
         if rows:
             batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-            p = torch.sigmoid(self.model(batch).logits.float()).numpy()
+            logits = self.model(batch).logits.float()
+            z, p = logits.numpy(), torch.sigmoid(logits).numpy()
         out, start = [], 0
-        for (_, _, keys, k, *_), c in zip(reqs, sizes, strict=True):
-            pi = p[start:start + c]
+        for r, c in zip(reqs, sizes, strict=True):
+            keys, k, prior = r[2], r[3], r[6] if len(r) > 6 else None
+            zi, pi = z[start:start + c], p[start:start + c]
             start += c
-            top = np.argsort(-pi, kind="stable")[:k]
+            order = zi + self.prior_weight * np.asarray(prior, np.float32) if prior is not None and self.prior_weight else zi
+            top = np.argsort(-order, kind="stable")[:k]
             out.append(Scored(np.asarray(keys, dtype=np.int64)[top], pi[top], top))
         return out
 
     def rank(self, user_key: int, hist: np.ndarray, keys: np.ndarray, k: int, ts: int,
-             hist_ts: np.ndarray | None = None) -> Scored:
-        return self.rank_many([(user_key, hist, keys, k, ts, hist_ts)])[0]
+             hist_ts: np.ndarray | None = None, prior: np.ndarray | None = None) -> Scored:
+        return self.rank_many([(user_key, hist, keys, k, ts, hist_ts, prior)])[0]

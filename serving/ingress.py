@@ -210,7 +210,8 @@ class Funnel:
         u, hist, hist_ts = self._user(req, ts)
         got, rv = await self._call("retriever", alias, "retrieve_keys", u, hist, a.retrieve_top_n, ts)
         pre, pv = await self._call("preranker", alias, "prerank_keys", u, hist, got, a.prerank_top_m, ts)
-        out, kv = await self._call("ranker", alias, "rank_keys", u, hist, hist_ts, pre.keys, req.k, ts)
+        out, kv = await self._call("ranker", alias, "rank_keys", u, hist, hist_ts, pre.keys, req.k, ts,
+                                   pre.scores if a.prerank_weight else None)
         return self.store.item_ids(out.keys), out.scores.tolist(), {"retriever": rv, "preranker": pv, "ranker": kv}
 
     @api.post("/recommend")

@@ -183,14 +183,15 @@ class RankerStage(_Registered):
     def build(self, model) -> None:
         from serving.funnel import Ranker
 
-        self.stage = Ranker(model, self.store)
+        self.stage = Ranker(model, self.store, self.args.serve.prerank_weight)
 
     async def rank_keys(self, user_key: int, hist: np.ndarray, hist_ts: np.ndarray, keys: np.ndarray, k: int,
-                        ts: int) -> tuple[Any, str]:
+                        ts: int, prior: np.ndarray | None = None) -> tuple[Any, str]:
         """The top k of the candidate keys with probabilities; `.pos` indexes `keys`. `hist_ts`: each
-        history entry's click time (0 = unknown), for the behaviors' age."""
+        history entry's click time (0 = unknown), for the behaviors' age. `prior`: the candidates'
+        pre-rank scores (the funnel sends them), fused with weight serve.prerank_weight."""
         self.ensure_watch()
-        return await self._rank_batch((user_key, hist, keys, k, ts, hist_ts))
+        return await self._rank_batch((user_key, hist, keys, k, ts, hist_ts, prior))
 
     async def _rank_many(self, reqs: list[tuple]) -> list[tuple[Any, str]]:
         """Concurrent requests → one forward pass over all their candidates."""

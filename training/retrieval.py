@@ -6,9 +6,10 @@ Evaluation is the way a recall channel is used. Per test row (a click at time ts
   not yet released is not a candidate, for any method); exact inner-product top-K (FAISS
   serves the same embeddings later);
 - the retriever alone, popularity alone (train clicks, the same availability mask) and,
-  with `served=(R, P)`, the merged recall the server uses: the retriever's top R ∪
-  popularity's top P, against popularity alone at the same total size R + P — with the
-  paired per-row difference of the hit and its standard error;
+  with `served=(R, P)`, the merged recall the server uses: popularity's top P and the
+  retriever's best R items not among them (R + P distinct candidates, `serving.funnel.Retriever`),
+  against popularity alone at the same size R + P — with the paired per-row difference of the
+  hit and its standard error;
 - HR@K, NDCG@K and JS@K (term Jaccard between the target's title and the retrieved
   titles), overall and for cold-start targets — items whose ID never appeared in training
   (item_idx = OOV), which only their text can place (popularity scores them 0);
@@ -152,7 +153,7 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], cat: C
     popularity alone (`pop_*`) and the merged recall at the served sizes (`merged_*`)."""
     items = item_vectors(model, cat, device)  # (N, d), row i = key i + 1
     released = torch.as_tensor(cat.released[1:], device=device)
-    depth = max(k, served[0] if served else 0)
+    depth = max(k, sum(served) if served else 0)  # R + P: the retriever's R after popularity's P
     got, tgt, ts_all, users = [], [], [], []  # rows without ts: every item is available
     for b in batches:
         b = to_device(b, device)
@@ -195,13 +196,15 @@ def popularity_topk(cat: Catalogue, ts: np.ndarray, k: int, chunk: int = 4_096) 
 def served_recall(retrieved: np.ndarray, target: np.ndarray, ts: np.ndarray, cat: Catalogue, k: int, r: int,
                   p: int) -> dict[str, float]:
     """Popularity alone at K (`pop_*`), at the channel's P and at the merged size R + P, and the
-    merged recall (retriever top R ∪ popularity top P): HR, its cold-start HR, and the paired
-    per-row difference merged − popularity(R + P) with its standard error."""
+    merged recall: popularity's top P and the retriever's first R items not among them (as
+    served: R + P distinct candidates, the size popularity alone is measured at; `retrieved` is
+    read to depth R + P for the backfill). HR, its cold-start HR, and the paired per-row
+    difference merged − popularity(R + P) with its standard error."""
     pop = popularity_topk(cat, ts, r + p)
     out = {f"pop_{key}": v for key, v in retrieval_metrics(pop, target, cat, k).items() if key not in ("n", "n_cold")}
     hit_pop_p = (pop[:, :p] == target[:, None]).any(1)
     hit_pop_all = (pop == target[:, None]).any(1)
-    hit_merged = (retrieved[:, :r] == target[:, None]).any(1) | hit_pop_p
+    hit_merged = _backfilled_hit(retrieved[:, :r + p], pop[:, :p], target, r) | hit_pop_p
     d = hit_merged.astype(np.float64) - hit_pop_all
     out |= {f"pop_hr_{p}": float(hit_pop_p.mean()), f"pop_hr_{r + p}": float(hit_pop_all.mean()),
             f"retr_hr_{r}": float((retrieved[:, :r] == target[:, None]).any(1).mean()),
@@ -212,6 +215,14 @@ def served_recall(retrieved: np.ndarray, target: np.ndarray, ts: np.ndarray, cat
         out[f"merged_hr_{r}+{p}_cold"] = float(hit_merged[cold].mean())
         out[f"pop_hr_{r + p}_cold"] = float(hit_pop_all[cold].mean())
     return out
+
+
+def _backfilled_hit(retrieved: np.ndarray, taken: np.ndarray, target: np.ndarray, r: int) -> np.ndarray:
+    """(B,) whether the target is among each row's first r retrieved keys that are not in that
+    row's `taken` (B, P) and not padding (0)."""
+    off = (np.arange(len(retrieved), dtype=np.int64) * (int(max(retrieved.max(initial=0), taken.max(initial=0))) + 1))[:, None]
+    fresh = ~np.isin(retrieved + off, taken + off) & (retrieved > 0)  # per row: a slot the retriever adds
+    return ((retrieved == target[:, None]) & fresh & (np.cumsum(fresh, 1) <= r)).any(1)
 
 
 def retrieval_metrics(retrieved: np.ndarray, target: np.ndarray, cat: Catalogue, k: int) -> dict[str, float]:

@@ -41,6 +41,28 @@ def test_rank_many_equals_rank_one_by_one(store):
         assert len(got.keys) == min(5, len(r[2]))
 
 
+def test_ranker_orders_by_its_logit_plus_the_weighted_prerank_score(store):
+    """serve.prerank_weight w: the slate is the top k of ranker logit + w · pre-rank score; the
+    scores it returns stay the ranker's probabilities. w = 0 (or no prior) is the ranker alone."""
+    torch.manual_seed(0)
+    model = build_model("cdnet", store.spec, tiny=True)
+    users, hists = _requests(store)
+    keys = np.arange(1, 41)
+    prior = np.linspace(-3, 3, 40).astype(np.float32)
+    alone = Ranker(model, store).rank(users[0], hists[0], keys, 40, 1_702_000_000)
+    z = np.log(alone.scores / (1 - alone.scores))  # the ranker's logits, in its own order
+    by_key = dict(zip(alone.keys.tolist(), z.tolist(), strict=True))
+    fused = Ranker(model, store, prior_weight=2.0)
+    got = fused.rank(users[0], hists[0], keys, 10, 1_702_000_000, prior=prior)
+    want = keys[np.argsort(-(np.array([by_key[x] for x in keys.tolist()]) + 2.0 * prior), kind="stable")[:10]]
+    np.testing.assert_array_equal(got.keys, want)
+    assert not np.array_equal(got.keys, alone.keys[:10])  # the prior moved the slate
+    np.testing.assert_allclose(got.scores, [alone.scores[alone.keys.tolist().index(x)] for x in got.keys.tolist()],
+                               rtol=1e-5)
+    same = fused.rank(users[0], hists[0], keys, 10, 1_702_000_000)  # no prior sent: the ranker alone
+    np.testing.assert_array_equal(same.keys, alone.keys[:10])
+
+
 @pytest.mark.parametrize("name", ["karma", "two_tower"])
 def test_retrieve_many_equals_retrieve_one_by_one(tiny_processed, store, name):
     torch.manual_seed(0)
@@ -56,6 +78,10 @@ def test_retrieve_many_equals_retrieve_one_by_one(tiny_processed, store, name):
         np.testing.assert_allclose(got.scores, one.scores, rtol=1e-4, atol=1e-5)
     if name == "karma":  # no history, no KARMA vector: the popularity channel only
         assert set(many[-1].keys) == set(store.popular[:10])
+    for got, h in zip(many, hists, strict=True):  # n from the index beside the popular 10: n + 10 distinct
+        assert len(np.unique(got.keys)) == len(got.keys)
+        if len(h) or name == "two_tower":
+            assert len(got.keys) == 25 + 10, len(got.keys)
 
 
 def test_preranking_drops_candidates_not_yet_released(store):

@@ -40,6 +40,21 @@ def test_served_recall_counts_the_union_against_popularity_at_the_same_size():
     assert out["merged_minus_pop"] == pytest.approx(2 / 3) and out["merged_hr_2+1_cold"] == 1.0
 
 
+def test_merged_recall_fills_the_slots_popularity_already_holds():
+    """The server takes popularity's P and the retriever's best R items *not among them*: R + P
+    distinct candidates, the size popularity alone is measured at. A retriever whose top R repeats
+    popular items is backfilled from its next ranks, not served fewer candidates."""
+    from training.retrieval import served_recall
+
+    clicks = np.array([0, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0], dtype=float)
+    cat = _catalogue(clicks=clicks)
+    # popularity's top 1 is item 1; the retriever ranks it first, so its 2 slots go to 5 and then 6
+    retrieved = np.array([[1, 5, 6], [1, 5, 6], [5, 1, 1]])
+    target = np.array([6, 7, 1])
+    out = served_recall(retrieved, target, np.zeros(3, np.int64), cat, k=2, r=2, p=1)
+    assert out["merged_hr_2+1"] == pytest.approx(2 / 3)  # rows 0 (6, backfilled) and 2 (popular)
+
+
 def test_evaluation_masks_items_not_yet_released():
     """A retriever that would rank an unreleased item first: at its row's ts the item is not a candidate."""
     from training.retrieval import evaluate_retrieval

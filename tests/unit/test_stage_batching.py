@@ -37,7 +37,7 @@ def stages(monkeypatch):
     # the batch queue's warning reads the replica context, which exists only inside a Serve replica
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
 
-    def registered(self, args, model, alias):  # the registry load, without a registry: the stage of its alias
+    def registered(self, args, model, alias, own_replica=False):  # the registry load, without a registry: the stage of its alias
         self.args, self.alias, self.version, self._task = args, alias, alias, None
         self.stage = _Stage(alias)
 
