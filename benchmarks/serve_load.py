@@ -40,7 +40,8 @@ from configs import load_config
 from jobs.common import init_ray
 
 SLO_MS = 100.0
-GROUPS = (("ingress", "ServeReplica:funnel:Funnel"), ("stages", "ServeReplica:funnel:"), ("proxy", "ProxyActor"))
+GROUPS = (("ingress", "ServeReplica:funnel:Funnel"), ("stages", "ServeReplica:funnel:"), ("proxy", "ProxyActor"),
+          ("state actor", "StateActor"))
 
 
 def _cpu_seconds() -> dict[str, float]:
@@ -64,9 +65,12 @@ def _cpu_seconds() -> dict[str, float]:
     return out
 
 
-async def _level(url: str, path: str, bodies: list[dict], qps: float, duration: float) -> dict:
+async def _level(urls: str | list[str], path: str, bodies: list[dict], qps: float, duration: float) -> dict:
+    """One open-loop level; with several URLs (one per direct-ingress replica) request i goes to
+    URL i mod n: the round robin of the L4 balancer a target group stands behind."""
     import aiohttp
 
+    urls = [urls] if isinstance(urls, str) else urls
     lat: list[float] = []
     errors = 0
     first_error = ""
@@ -78,7 +82,7 @@ async def _level(url: str, path: str, bodies: list[dict], qps: float, duration: 
             nonlocal errors, first_error
             t0 = time.perf_counter()
             try:
-                async with s.post(f"{url}{path}", json=bodies[i % len(bodies)]) as r:
+                async with s.post(f"{urls[i % len(urls)]}{path}", json=bodies[i % len(bodies)]) as r:
                     body = await r.read()
                     if r.status != 200:
                         errors += 1
@@ -173,14 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         urls = {"given": a.url} if a.url else {}
         if not a.url:
-            from serving.deploy import deploy, served_url
+            from serving.deploy import deploy, served_urls
 
             init_ray()
             vcfg = load_config(a.config, [o for o in variant.split(",") if o])
             deploy(vcfg)
-            urls = {via: served_url(vcfg, via) for via in vias}
+            urls = {via: served_urls(vcfg, via) for via in vias}  # direct: every ingress replica's port
         for via, url in urls.items():
             name = ",".join(x for x in (variant, f"via {via}") if x)
+            first = url if isinstance(url, str) else url[0]  # its /healthz: the first replica's collector
             print(f"# {name}: {url}", flush=True)
             for path, bodies in (("/rank", rank), ("/recommend", rec)):
                 if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
@@ -188,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 for qps in levels[path]:
                     gc.collect()
                     gc.freeze()  # the generator's own heap out of its collector: its pauses are not the server's
-                    g0, before = _gc(url), _cpu_seconds()
+                    g0, before = _gc(first), _cpu_seconds()
                     r = asyncio.run(_level(url, path, bodies, qps, a.duration)) | {"variant": name}
-                    after, g1 = _cpu_seconds(), _gc(url)
+                    after, g1 = _cpu_seconds(), _gc(first)
                     r["cpu_ms_per_request"] = {g: 1000 * (after[g] - before[g]) / max(1, r["requests"]) for g in after}
                     r["ingress_gc"] = _gc_delta(g0, g1)
                     rows.append(r)

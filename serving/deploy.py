@@ -23,11 +23,17 @@ def deploy(cfg: FunnelConfig, data_dir: str | None = None) -> str:
 
 
 def served_url(cfg: FunnelConfig, via: str = "direct") -> str:
-    """Where the funnel answers: with Serve's direct ingress on (jobs.common.serve_startup_env), the
-    ingress replica's own port; else (or `via="proxy"`) the proxy on serve.host:serve.port.
-    The replica's port comes from the Serve controller's target groups (what a load balancer in
-    front of direct-ingress replicas reads; Ray has no public call for it yet)."""
-    proxy = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    """The first of `served_urls`."""
+    return served_urls(cfg, via)[0]
+
+
+def served_urls(cfg: FunnelConfig, via: str = "direct") -> list[str]:
+    """Where the funnel answers: with Serve's direct ingress on (jobs.common.serve_startup_env), each
+    ingress replica's own port (a balancer in front spreads the requests over them); else (or
+    `via="proxy"`) the proxy on serve.host:serve.port. The replicas' ports come from the Serve
+    controller's target groups (what a load balancer in front of direct-ingress replicas reads;
+    Ray has no public call for it yet)."""
+    proxy = [f"http://{cfg.serve.host}:{cfg.serve.port}"]
     if via == "proxy":
         return proxy
     try:
@@ -39,4 +45,4 @@ def served_url(cfg: FunnelConfig, via: str = "direct") -> str:
     except Exception as e:  # an older Ray or no controller: the proxy
         print(f"[deploy] no direct-ingress target ({type(e).__name__}: {e}); using the proxy", flush=True)
         return proxy
-    return f"http://{cfg.serve.host}:{ports[0]}" if ports else proxy
+    return [f"http://{cfg.serve.host}:{p}" for p in sorted(set(ports))] or proxy
