@@ -38,10 +38,10 @@ class Scored:
 
 def _scores_of(keys: np.ndarray, found: np.ndarray, scores: np.ndarray, default: float) -> np.ndarray:
     """Each key's score where the index returned it (`found`, `scores`), else `default`."""
-    order = np.argsort(found, kind="stable")
-    at = np.minimum(np.searchsorted(found[order], keys), max(len(found) - 1, 0))
-    hit = found[order][at] == keys if len(found) else np.zeros(len(keys), bool)
-    return np.where(hit, scores[order][at] if len(found) else default, default).astype(np.float32)
+    if not len(found):
+        return np.full(len(keys), default, np.float32)
+    match = found[:, None] == keys[None, :]  # (n + popular_n, popular_n): small
+    return np.where(match.any(0), scores[match.argmax(0)], default).astype(np.float32)
 
 
 class Retriever:
