@@ -108,15 +108,20 @@ async def _level(urls: str | list[str], path: str, bodies: list[dict], qps: floa
             "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "first_error": first_error}
 
 
-def _gc(url: str) -> dict:
-    """The ingress replica's collector pauses so far (/healthz "gc"; {} if it does not say, e.g.
-    behind serve.auth_all, which the load's requests do not send a token for either)."""
+def _health(url: str) -> dict:
+    """The ingress replica's /healthz ({} if it does not answer, e.g. behind serve.auth_all, which the
+    load's requests do not send a token for either)."""
     import requests
 
     try:
-        return requests.get(f"{url}/healthz", timeout=10).json().get("gc", {})
+        return requests.get(f"{url}/healthz", timeout=10).json()
     except Exception:
         return {}
+
+
+def _gc(url: str) -> dict:
+    """The ingress replica's collector pauses so far (/healthz "gc")."""
+    return _health(url).get("gc", {})
 
 
 def _gc_cell(d: dict) -> str:
@@ -186,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         for via, url in urls.items():
             name = ",".join(x for x in (variant, f"via {via}") if x)
             first = url if isinstance(url, str) else url[0]  # its /healthz: the first replica's collector
-            print(f"# {name}: {url}", flush=True)
+            loop = {True: "a thread of its own", False: "the HTTP loop"}.get(_health(first).get("user_code_thread"), "?")
+            print(f"# {name}: {url} (the funnel's code runs on {loop})", flush=True)
             for path, bodies in (("/rank", rank), ("/recommend", rec)):
                 if a.warmup > 0:  # first requests load lazily built state (caches, batch queues): not measured
                     asyncio.run(_level(url, path, bodies, levels[path][0], a.warmup))

@@ -233,6 +233,12 @@ class ServeConfig:
     # after start-up, freeze the replica's heap out of the cyclic collector (serving/pauses.py): a full
     # collection otherwise walks ~350k imported objects, a ~330 ms stop for every request behind it
     gc_freeze: bool = True
+    # where the replica runs the funnel's code: false (ours) = on the loop that serves direct-ingress
+    # HTTP (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the replicas' environment, what Serve's
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets); true = Serve's default, an event loop on a thread of its
+    # own, so every request crosses between two threads that share the GIL. /rank at 100 QPS: p99 30-38 ms
+    # against 57-3,382 (benchmarks/RESULTS.md, "Serving load", 2026-12-04)
+    user_code_thread: bool = False
 
 
 @dataclass

@@ -53,7 +53,7 @@ def build_app(args: FunnelArgs) -> serve.Application:
     if args.serve.ingress_replicas > 1 and args.serve.state_backend != "actor":
         raise ValueError(f"serve.ingress_replicas={args.serve.ingress_replicas} needs serve.state_backend: actor "
                          "(with per-replica state a /feedback click can reach a replica that never served its slate)")
-    opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus},
+    opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus, **replica_runtime_env(args.serve)},
             "logging_config": {"enable_access_log": args.serve.access_log},
             "max_ongoing_requests": args.serve.max_ongoing_requests}
     ingress = Funnel.options(num_replicas=args.serve.ingress_replicas, **opts)
@@ -62,6 +62,15 @@ def build_app(args: FunnelArgs) -> serve.Application:
     stages = {kind: {a: cls.options(name=f"{cls.name}-{a}", **opts).bind(args, a) for a in aliases}
               for kind, cls in STAGES.items()}
     return ingress.bind(args, stages)
+
+
+def replica_runtime_env(serve_cfg) -> dict:
+    """The replicas' runtime_env: Serve reads RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD when a
+    replica process starts, so `serve.user_code_thread: false` reaches it as an env var of the
+    replica's own (Ray merges a deployment's env_vars with the job's runtime_env)."""
+    if serve_cfg.user_code_thread:
+        return {}
+    return {"runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
 
 
 def args_from_config(cfg, data_dir: str | None = None) -> FunnelArgs:

@@ -89,6 +89,14 @@ def _replica_id() -> str:
         return ""
 
 
+def _user_code_thread() -> bool:
+    """Whether this replica runs the funnel's code on a loop of its own thread (Serve's default) or on
+    the loop that serves its HTTP (`serve.user_code_thread: false`), as Serve read it at start-up."""
+    from ray.serve._private import constants
+
+    return bool(constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD)
+
+
 def _pick(ids: list[str], pos: np.ndarray) -> list[str]:
     """The request's own ids at the positions a stage chose."""
     return [ids[i] for i in pos.tolist()]
@@ -170,7 +178,7 @@ class Funnel:
                 "event_log": {"pending_rows": self.log.pending(), "written_rows": self.log.written_rows,
                               "failed_flushes": self.log.failed_flushes},
                 "state": self.store.state.counters() | {"backend": self.args.serve.state_backend},
-                "gc": self.pauses.snapshot(),
+                "gc": self.pauses.snapshot(), "user_code_thread": _user_code_thread(),
                 "replica": _replica_id()}
 
     @api.post("/retrieve")

@@ -64,3 +64,15 @@ def test_auth_all_guards_every_endpoint_and_feedback_always():
                 cls._auth(me, "Bearer nope")
         else:
             cls._auth(me, None)  # /recommend and the stages stay open unless serve.auth_all
+
+
+def test_the_user_code_loop_setting_reaches_the_replicas_as_serves_own_env_var():
+    """serve.user_code_thread: false (the default) → RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the
+    replicas' runtime_env (Serve reads it when the replica process starts); true → Serve's default."""
+    from configs import ServeConfig
+    from serving.app import replica_runtime_env
+
+    assert ServeConfig().user_code_thread is False
+    env = replica_runtime_env(ServeConfig())["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    assert replica_runtime_env(ServeConfig(user_code_thread=True)) == {}

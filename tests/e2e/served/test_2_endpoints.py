@@ -21,6 +21,7 @@ def test_endpoints_compose_and_route(user_ids, served, tiny_processed, auth, e2e
     assert r.status_code == 200 and len(r.json()["items"]) >= 5, r.text
     health = requests.get(f"{url}/healthz", timeout=60).json()
     assert health["colocated"] is True and health["event_log"]["failed_flushes"] == 0
+    assert health["user_code_thread"] is False  # serve.user_code_thread's default reached the replica's Serve
     assert health["stage_alias"] == "challenger"  # the tiny config's arms: popularity vs funnel@challenger
 
     items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()

@@ -24,6 +24,7 @@ def test_two_ingress_replicas_share_one_online_state(user_ids, served, e2e_run, 
     cfg = load_config(e2e_run["args"][1], e2e_run["args"][3::2])
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(
         cfg.serve, state_backend="actor", state_actor="funnel-state-two-replicas", ingress_replicas=2,
+        user_code_thread=True,  # Serve's own default, so both settings are served in the suite
         event_log=str(tmp_path / "events"), token_file=str(e2e_run["root"] / "runs" / "serve_token")))
     args = args_from_config(cfg, str(e2e_run["processed"]))
     serve.run(build_app(args), name="shared", route_prefix="/shared")
@@ -41,6 +42,7 @@ def test_two_ingress_replicas_share_one_online_state(user_ids, served, e2e_run, 
 
         before = by_replica()
         assert len(before) == 2 and all(s["backend"] == "actor" for s in before.values()), before
+        assert requests.get(f"{url}/healthz", timeout=30).json()["user_code_thread"] is True
         users = user_ids[:3]
         t = 1_702_000_000
         for i, user in enumerate(users * 4):  # slates and clicks land on either replica
