@@ -65,7 +65,7 @@ def _stage_models(cfg, alias: str, ranker_uri: str | None):
     retr, mv = out["retriever"]
     index = index_for_version(retr, mv.run_id, mv.version, cfg.data.output, cfg.serve.index_factory)
     return (store, Retriever(retr, index, store, cfg.serve.popular_n),
-            Preranker(out["preranker"][0], store, cfg.serve.retrieval_weight), Ranker(out["ranker"][0], store, cfg.serve.prerank_weight))
+            Preranker(out["preranker"][0], store, cfg.serve.retrieval_weight, short_exact=cfg.serve.lrea_short_exact), Ranker(out["ranker"][0], store, cfg.serve.prerank_weight))
 
 
 def hold_numeric(store, prefix: str) -> None:

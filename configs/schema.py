@@ -206,6 +206,9 @@ class ServeConfig:
     index_factory: str = "Flat"  # FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, ...
     popular_n: int = 100  # the popularity recall channel beside FAISS
     retrieval_weight: float = 0.0  # pre-ranking score = LREA logit + this * retrieval score
+    # LREA pre-ranking: a user with fewer behaviors than the rank is scored by eq. 5 over them (exact,
+    # and cheaper); false = eq. 9's absorbed cache for every user (models.lrea.LREA.absorb)
+    lrea_short_exact: bool = True
     # the funnel's ranking order = ranker logit + this * pre-rank score (0 = the ranker alone; /rank,
     # which gets no pre-rank scores, always ranks by the ranker alone)
     prerank_weight: float = 0.0

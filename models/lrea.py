@@ -16,7 +16,8 @@ E_s (L × Db) the behaviors (zero at padding), E_t (Db) the target.
     a = φ(E_t W_1) W_o · 1 + W_decompᵀ s,   s = [φ(E_compᵀ W_2) + φ((E_t ⊙ E_compᵀ) W_3)] W_o (r)
     interest = φ(E_t W_1) W_o · Σ_j e_j + E_auxabsorb s,   E_auxabsorb = E_sᵀ W_decompᵀ (Db × r).
   `absorb` caches (E_comp, E_auxabsorb, Σ_j e_j, φ(E_compᵀ W_2) W_o) per user; `score` costs
-  O(r·Db·h) per candidate, independent of L. The first term (the target alone) needs Σ_j e_j,
+  O(r·Db·h) per candidate, independent of L. A user with fewer behaviors than r is served by
+  eq. 5 itself over those behaviors, in the same cache layout: exact, and O(L_u·Db·h) < O(r·Db·h). The first term (the target alone) needs Σ_j e_j,
   which eq. 9 leaves implicit; caching it keeps the two paths equal.
 The interest joins the other field embeddings in an MLP (§3.1, last sentence).
 """
@@ -52,12 +53,18 @@ def recency_buckets(L: int, r: int) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class LREACache:
-    """Per-user serving state (U users): everything `score` needs, nothing of size L."""
+    """Per-user serving state (U users): everything `score` needs, nothing of size L.
 
-    e_comp: Tensor  # (U, Db, r)
-    e_aux: Tensor  # (U, Db, r)  E_auxabsorb
+    Its c columns are either E_comp's r' live columns (eq. 9), or — when the users' histories hold
+    fewer behaviors than that — the held behaviors themselves: e_comp the decompressed ẽ_j, e_aux
+    the e_j, c2 φ(ẽ_j W_2) W_o. `score` reads both the same way, because eq. 5 regrouped is
+    interest = φ(E_t W_1) W_o · Σ_j e_j + Σ_j [φ(ẽ_j W_2) + φ((E_t ⊙ ẽ_j) W_3)] W_o · e_j, the
+    shape of eq. 9 with the positions for columns (see `LREA.absorb`)."""
+
+    e_comp: Tensor  # (U, Db, c)  E_comp's live columns, or ẽ_j of the held positions
+    e_aux: Tensor  # (U, Db, c)   E_auxabsorb, or e_j of the held positions
     e_sum: Tensor  # (U, Db)
-    c2: Tensor  # (U, r)       φ(E_compᵀ W_2) W_o
+    c2: Tensor  # (U, c)          φ(column W_2) W_o
 
 
 class LREA(RankingModel):
@@ -108,21 +115,33 @@ class LREA(RankingModel):
 
     # ------------------------------------------------------------------ serving path (eq. 9)
 
-    def absorb(self, seq: Tensor, mask: Tensor) -> LREACache:
+    def absorb(self, seq: Tensor, mask: Tensor, short_exact: bool = True) -> LREACache:
         """Per-user cache from behaviors (U, L, Db) and their mask (U, L): O(L·Db·r) once per user.
         A rank column of E_comp that is zero for every user here is dropped (r' ≤ r columns kept):
         it adds exactly zero to eq. 9 (its s_b is w_o·φ(0) = 0), and with r > L the recency-bucket
-        init leaves r − L of them zero for good (an empty bucket and its W_decomp row get no gradient)."""
+        init leaves r − L of them zero for good (an empty bucket and its W_decomp row get no gradient).
+
+        `short_exact`: when the users' histories fill fewer positions than r', the cache holds those
+        positions instead (ẽ_j, e_j): eq. 5 itself, exact whatever the signs, at O(L_u·Db·h) per
+        candidate instead of O(r'·Db·h). The paper's saving rests on "rank r ≪ L, reducing attention
+        complexity from O(L) to O(r)" (§Abstract); a user with L_u < r behaviors is the case where
+        the premise fails, and a served world's median user is one (12 clicks against r' = 50 on the
+        small world). False: eq. 9 always (what `serving_gap` measures)."""
         e_s, e_comp = self.compress(seq, mask)
         live = e_comp.abs().amax((0, 1)) > 0  # (r,)
-        e_comp = e_comp[..., live]
-        e_aux = torch.einsum("uld,rl->udr", e_s, self.w_decomp[live])  # E_sᵀ W_decompᵀ
-        c2 = self.w_o(self.phi(self.w2(e_comp.transpose(1, 2)))).squeeze(-1)  # (U, r')
-        return LREACache(e_comp, e_aux, e_s.sum(1), c2)
+        held = mask.any(0)  # (L,) the positions some user's history fills
+        if short_exact and int(held.sum()) < int(live.sum()):
+            cols = torch.einsum("bdr,rl->bdl", e_comp, self.w_decomp[:, held])  # ẽ_j (U, Db, L_u)
+            aux = e_s[:, held].transpose(1, 2)  # e_j (U, Db, L_u)
+        else:
+            cols = e_comp[..., live]
+            aux = torch.einsum("uld,rl->udr", e_s, self.w_decomp[live])  # E_sᵀ W_decompᵀ
+        c2 = self.w_o(self.phi(self.w2(cols.transpose(1, 2)))).squeeze(-1)  # (U, c)
+        return LREACache(cols, aux, e_s.sum(1), c2)
 
-    def absorb_batch(self, batch: dict[str, Tensor]) -> LREACache:
+    def absorb_batch(self, batch: dict[str, Tensor], short_exact: bool = True) -> LREACache:
         emb = self.embed(batch)
-        return self.absorb(emb.seq, emb.seq_mask)
+        return self.absorb(emb.seq, emb.seq_mask, short_exact)
 
     def interest_serve(self, cache: LREACache, e_t: Tensor, user: Tensor | None = None) -> Tensor:
         """(N, Db) interest of N candidates; `user` (N,) indexes the cache row of each
@@ -156,14 +175,14 @@ def _empty_history(batch: dict[str, Tensor], L: int) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def serving_gap(model: LREA, batch: dict[str, Tensor]) -> dict[str, float]:
-    """How far the absorbed serving path is from the training path on real rows:
+    """How far the absorbed serving path (eq. 9, for every history length) is from the training path on real rows:
     relative L2 gap of the interest vectors and mean |Δ logit|."""
     was = model.training
     model.eval()
     emb = model.embed(batch)
     e_s, e_comp = model.compress(emb.seq, emb.seq_mask)
     train_i = model.interest_train(emb.target(), e_s, e_comp)
-    cache = model.absorb(emb.seq, emb.seq_mask)
+    cache = model.absorb(emb.seq, emb.seq_mask, short_exact=False)  # eq. 9 itself
     B = emb.seq.shape[0]
     serve_i = model.interest_serve(cache, emb.target(), torch.arange(B, device=emb.seq.device))
     head = lambda i: model.mlp(torch.cat([emb.fields.flatten(1), i], -1)).squeeze(-1)  # noqa: E731

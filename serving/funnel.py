@@ -93,17 +93,20 @@ class Retriever:
 
 
 class Preranker:
+    """`short_exact` (LREA's `absorb`): a user with fewer behaviors than the rank is scored by the
+    training path itself over them (exact, and cheaper); False scores every user by eq. 9."""
+
     def __init__(self, model: torch.nn.Module, store: FeatureStore, retrieval_weight: float = 0.0,
-                 cache_users: int = 10_000):
+                 cache_users: int = 10_000, short_exact: bool = True):
         self.model, self.store, self.w = model.eval(), store, retrieval_weight
         self.cache: OrderedDict[tuple[int, int], object] = OrderedDict()
-        self.cache_users = cache_users
+        self.cache_users, self.short_exact = cache_users, short_exact
 
     def _cache(self, user_key: int, hist: np.ndarray, row: dict[str, torch.Tensor]):
         key = (user_key, hash(hist[-self.model.spec.seq_len:].tobytes()))  # a new click: a new entry
         hit = self.cache.get(key)
         if hit is None:
-            hit = self.model.absorb_batch({k: v[:1] for k, v in row.items()})
+            hit = self.model.absorb_batch({k: v[:1] for k, v in row.items()}, short_exact=self.short_exact)
             self.cache[key] = hit
             if len(self.cache) > self.cache_users:
                 self.cache.popitem(last=False)

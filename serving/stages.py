@@ -164,7 +164,8 @@ class PrerankerStage(_Registered):
     def build(self, model) -> None:
         from serving.funnel import Preranker
 
-        self.stage = Preranker(model, self.store, self.args.serve.retrieval_weight)
+        self.stage = Preranker(model, self.store, self.args.serve.retrieval_weight,
+                               short_exact=self.args.serve.lrea_short_exact)
 
     async def prerank_keys(self, user_key: int, hist: np.ndarray, cands, m: int, ts: int) -> tuple[Any, str]:
         """The top m of `cands` (a Scored: keys and retrieval scores) released at ts; `.pos` indexes `cands`."""
