@@ -16,9 +16,10 @@ E_s (L × Db) the behaviors (zero at padding), E_t (Db) the target.
     a = φ(E_t W_1) W_o · 1 + W_decompᵀ s,   s = [φ(E_compᵀ W_2) + φ((E_t ⊙ E_compᵀ) W_3)] W_o (r)
     interest = φ(E_t W_1) W_o · Σ_j e_j + E_auxabsorb s,   E_auxabsorb = E_sᵀ W_decompᵀ (Db × r).
   `absorb` caches (E_comp, E_auxabsorb, Σ_j e_j, φ(E_compᵀ W_2) W_o) per user; `score` costs
-  O(r·Db·h) per candidate, independent of L. A user with fewer behaviors than r is served by
-  eq. 5 itself over those behaviors, in the same cache layout: exact, and O(L_u·Db·h) < O(r·Db·h). The first term (the target alone) needs Σ_j e_j,
-  which eq. 9 leaves implicit; caching it keeps the two paths equal.
+  O(r·Db·h) per candidate, independent of L. The first term (the target alone) needs Σ_j e_j,
+  which eq. 9 leaves implicit; caching it keeps the two paths equal. A user with fewer behaviors
+  than r is served by eq. 5 itself over them, in the same cache layout: exact, and
+  O(L_u·Db·h) < O(r·Db·h).
 The interest joins the other field embeddings in an MLP (§3.1, last sentence).
 """
 
