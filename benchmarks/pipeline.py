@@ -2,6 +2,7 @@
 
   python -m benchmarks.pipeline                 # 0.25M, 1M, 4M events + the bounded-memory run
   python -m benchmarks.pipeline --users 1000 --skip-scaling --skip-bounded   # a quick look
+  python -m benchmarks.pipeline --only-bounded --bounded-reduces 0 1 0 1     # the reduce cap, alternated
 
 Both variants read the same simulator log from Parquet and write the same
 outputs (identical fingerprints are checked), each in its own subprocess so
@@ -116,7 +117,8 @@ def make_input(users: int, root: Path) -> dict:
     return info
 
 
-def run_variant(variant: str, input_dir: str, output: str, object_store: int, partitions: int) -> dict:
+def run_variant(variant: str, input_dir: str, output: str, object_store: int, partitions: int,
+                max_reduces: int = 0) -> dict:
     """Runs inside the child process. `seconds` is the ingest itself (for Ray: on a cluster that is
     up, as `ray job submit` finds it); `seconds_with_start` adds starting the local cluster."""
     import pandas as pd
@@ -146,7 +148,8 @@ def run_variant(variant: str, input_dir: str, output: str, object_store: int, pa
         ray.init(num_cpus=2, object_store_memory=object_store or None, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         t_up = time.perf_counter()
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_partitions=partitions))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_partitions=partitions,
+                                                                max_parallel_reduces=max_reduces))
         raw = RawTables(read_parquet_files(files, partitions), items, users, True, "simulator")
         stats = run_ingest(cfg, raw)
         spilled = _spilled_bytes()
@@ -154,7 +157,7 @@ def run_variant(variant: str, input_dir: str, output: str, object_store: int, pa
     t1 = time.perf_counter()
     return {"seconds": t1 - t_up, "seconds_with_start": t1 - t0, "fingerprint": stats["fingerprint"],
             "events": stats["input_rows"]["events"], "spilled_bytes": spilled, "partitions": partitions,
-            "stage_seconds": stats["stage_seconds"]}
+            "stage_seconds": stats["stage_seconds"], "max_parallel_reduces": max_reduces}
 
 
 def _spilled_bytes() -> int:
@@ -184,14 +187,14 @@ def _stage_at(res: dict, t: float) -> str:
     return "after the ingest"
 
 
-def measure(variant: str, input_dir: Path, object_store: int = 0, partitions: int = 4) -> dict:
+def measure(variant: str, input_dir: Path, object_store: int = 0, partitions: int = 4, max_reduces: int = 0) -> dict:
     out_dir = OUT / f"ingest-{variant}"
     res_file = OUT / f"result-{variant}.json"
     env = {**os.environ, "RAY_TMPDIR": str((OUT / "ray").resolve()), "PYTHONUNBUFFERED": "1"}
     (OUT / "ray").mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.pipeline", "--child", variant, "--input", str(input_dir),
            "--output", str(out_dir), "--object-store", str(object_store), "--result", str(res_file),
-           "--partitions", str(partitions)]
+           "--partitions", str(partitions), "--max-reduces", str(max_reduces)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with PeakMemory(proc.pid) as mem:
         _, err = proc.communicate()
@@ -213,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-bounded", action="store_true", help="only the bounded-memory run")
     p.add_argument("--bounded-partitions", type=int, default=16,
                    help="data.num_partitions of the bounded-memory run (more partitions, smaller groups)")
+    p.add_argument("--bounded-reduces", type=int, nargs="+", default=[0],
+                   help="data.max_parallel_reduces of the bounded-memory run, one run per value in this order "
+                        "(0 = no cap; e.g. 0 1 0 1 alternates the two, side by side)")
+    p.add_argument("--max-reduces", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", choices=["pandas", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=4, help="data.num_partitions of the Ray runs (1M events)")
     args = p.parse_args(argv)
     if args.child:
-        res = run_variant(args.child, args.input, args.output, args.object_store, args.partitions)
+        res = run_variant(args.child, args.input, args.output, args.object_store, args.partitions, args.max_reduces)
         Path(args.result).write_text(json.dumps(res))
         return 0
 
@@ -246,11 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         big_users = args.users * 4  # ~3x the 80 MiB object store at the default size
         big = make_input(big_users, OUT / f"input-{big_users}")
         store = max(80 * 2**20, big["arrow_bytes"] // 3)
-        print(f"  bounded: {big['events']:,} events ({big['arrow_bytes'] / 2**20:.0f} MiB) through a "
-              f"{store / 2**20:.0f} MiB object store, {args.bounded_partitions} partitions ...", flush=True)
-        result["bounded"] = measure("ray", OUT / f"input-{big_users}", object_store=store,
-                                    partitions=args.bounded_partitions) | {
-            "object_store_bytes": store, "input_arrow_bytes": big["arrow_bytes"]}
+        result["bounded_runs"] = []
+        for cap in args.bounded_reduces:
+            print(f"  bounded: {big['events']:,} events ({big['arrow_bytes'] / 2**20:.0f} MiB) through a "
+                  f"{store / 2**20:.0f} MiB object store, {args.bounded_partitions} partitions, "
+                  f"max_parallel_reduces {cap} ...", flush=True)
+            result["bounded_runs"].append(measure("ray", OUT / f"input-{big_users}", object_store=store,
+                                                  partitions=args.bounded_partitions, max_reduces=cap) | {
+                "object_store_bytes": store, "input_arrow_bytes": big["arrow_bytes"]})
+        result["bounded"] = result["bounded_runs"][0]
     (OUT / "pipeline.json").write_text(json.dumps(result, indent=2))
 
     print(f"\n{'events':>10} {'variant':<8}{'seconds':>9}{'+start':>8}{'events/s':>11}{'peak MiB':>10}  fingerprint")
@@ -268,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             print("  at its peak, MiB by process role: " + ", ".join(
                 f"{k} {b / 2**20:.0f}" for k, b in sorted(x["peak_by_role"].items(), key=lambda kv: -kv[1])
                 if not k.startswith("n ")))
-    if "bounded" in result:
-        b = result["bounded"]
+    for b in result.get("bounded_runs", []):
         print(f"bounded: {b['events']:,} events, input {b['input_arrow_bytes'] / 2**20:.0f} MiB vs object store "
               f"{b['object_store_bytes'] / 2**20:.0f} MiB ({b['input_arrow_bytes'] / b['object_store_bytes']:.1f}x), "
-              f"{b['partitions']} partitions: {b['seconds']:.1f}s, peak {b['peak_pss_bytes'] / 2**20:.0f} MiB, "
-              f"spilled {b['spilled_bytes'] / 2**20:.0f} MiB")
+              f"{b['partitions']} partitions, max_parallel_reduces {b['max_parallel_reduces']}: "
+              f"{b['seconds']:.1f}s, peak {b['peak_pss_bytes'] / 2**20:.0f} MiB, "
+              f"spilled {b['spilled_bytes'] / 2**20:.0f} MiB, fingerprint {b['fingerprint']}")
         print("stages bounded: " + ", ".join(f"{k} {t:.1f}" for k, t in b["stage_seconds"].items()))
         roles = b["peak_by_role"]
         print(f"the peak fell in: {b['peak_stage']}; at the peak, MiB by process role: " + ", ".join(

@@ -310,7 +310,7 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     p1_refs = map_groups(
         vblocks, "bucket", P, annotate_user_events, {"ctx": ex_ctx}, pre=_accepted_keyed,
         pre_kwargs={"item_index": cat.item_index, "user_index": cat.user_index, "buckets": buckets},
-        progress=cfg.data.progress, desc="user pass")
+        progress=cfg.data.progress, desc="user pass", max_parallel_reduces=cfg.data.max_parallel_reduces)
     p1 = ray.data.from_pandas_refs(p1_refs)
     del validated, vblocks
     clock.mark("user pass")
@@ -330,7 +330,7 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
         pre=_split_and_bucket, pre_kwargs={"t_val": t_val, "t_test": t_test, "buckets": buckets},
         post=finalize, post_kwargs={"ft": ft, "prior": us["past_prior"], "strength": d.ctr_prior_strength,
                                     "long_len": d.long_len, "short_len": d.short_len, "n_hard": d.max_hard_negatives},
-        progress=cfg.data.progress, desc="item pass")
+        progress=cfg.data.progress, desc="item pass", max_parallel_reduces=cfg.data.max_parallel_reduces)
     del p1, p1_refs
     clock.mark("item pass")
     # one task per finalised partition writes its three outputs and returns its output statistics

@@ -102,11 +102,16 @@ def _reduce(key: str, fn: Fn, fn_kwargs: dict, post: Fn | None, post_kwargs: dic
 def map_groups(blocks: list[tuple[Any, tuple[int, int] | None]], key: str, num_partitions: int, fn: Fn,
                fn_kwargs: dict | None = None, *, pre: Fn | None = None, pre_kwargs: dict | None = None,
                post: Fn | None = None, post_kwargs: dict | None = None, progress: bool = False,
-               desc: str = "shuffle") -> list[Any]:
+               desc: str = "shuffle", max_parallel_reduces: int = 0) -> list[Any]:
     """Refs of `post(concat(fn(group) for each group of key))` per partition (the empty ones left out),
     with `pre` applied to every block first; see the module docstring. Waits for every partition:
     the result is materialised, as `Dataset.materialize()` is. `blocks` as `block_refs` returns them,
-    or (ref of a pandas frame, None) pairs."""
+    or (ref of a pandas frame, None) pairs.
+
+    `max_parallel_reduces` (data.max_parallel_reduces; 0 = as many as the cluster's CPUs run): at
+    most this many reduce tasks are submitted at once. A reduce holds its partition's pieces, their
+    concatenation and `fn`'s output at the same time, the largest frames of the ingest, so the cap
+    bounds the peak memory of a memory-bound run at the cost of its wall time."""
     import ray
 
     P = max(1, int(num_partitions))
@@ -116,19 +121,32 @@ def map_groups(blocks: list[tuple[Any, tuple[int, int] | None]], key: str, num_p
     mapped = [split.remote(ref, rows, pre, pre_kw, key, P) for ref, rows in blocks]
     if P == 1:
         mapped = [[m] for m in mapped]
-    outs = [reduce.remote(key, fn, fn_kw, post, post_kw, *[m[i] for m in mapped]) for i in range(P)]
-    del mapped
-    counts = _wait([n for _, n in outs], progress, desc)
+    if max_parallel_reduces < 0:
+        raise ValueError(f"data.max_parallel_reduces must be >= 0 (0 = no cap), got {max_parallel_reduces}")
+
+    def submit(i: int, parts: list = mapped) -> tuple[Any, Any]:
+        return reduce.remote(key, fn, fn_kw, post, post_kw, *[m[i] for m in parts])
+
+    outs = _run_windowed(submit, P, min(P, max_parallel_reduces or P), progress, desc)
+    del mapped, submit  # the split pieces go once every reduce that reads them has run
+    counts = ray.get([n for _, n in outs])
     return [frame for (frame, _), n in zip(outs, counts, strict=True) if n]
 
 
-def _wait(refs: list[Any], progress: bool, desc: str) -> list[int]:
+def _run_windowed(submit: Callable[[int], tuple[Any, Any]], n: int, window: int, progress: bool,
+                  desc: str) -> list[tuple[Any, Any]]:
+    """`submit(i)` for i in 0..n-1 with at most `window` tasks in flight (each returns (frame ref,
+    row-count ref); the count ref says it finished); waits for all of them."""
     import ray
     from tqdm import tqdm
 
-    with tqdm(total=len(refs), desc=desc, unit="partition", disable=not progress) as bar:
-        pending = list(refs)
-        while pending:
+    outs: list[tuple[Any, Any]] = []
+    with tqdm(total=n, desc=desc, unit="partition", disable=not progress) as bar:
+        pending: list[Any] = []
+        while len(outs) < n or pending:
+            while len(outs) < n and len(pending) < window:
+                outs.append(submit(len(outs)))
+                pending.append(outs[-1][1])
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
-    return ray.get(refs)
+    return outs

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.shuffle import block_partials, block_refs, map_groups
+from pipeline.shuffle import _run_windowed, block_partials, block_refs, map_groups
 
 pytestmark = pytest.mark.ray
 
@@ -71,6 +71,31 @@ def test_map_groups_post_runs_once_per_partition_and_reads_dataset_blocks(ray_se
     assert sum(len(p) for p in parts) == len(df)
     assert all((p["rows_in_partition"] == len(p)).all() for p in parts)  # post saw the whole partition
     assert sorted(k for p in parts for k in p["key"].unique()) == sorted(df["key"].unique())  # a key in one place
+
+
+def test_a_reduce_cap_keeps_the_output_and_never_has_more_tasks_in_flight(ray_session):
+    ray = ray_session
+    blocks = [_frame(n, s) for s, n in enumerate([700, 900])]
+    refs = [(ray.put(b), None) for b in blocks]
+    want = pd.concat(ray.get(map_groups(refs, "key", 5, _rank_in_group)))
+    got = pd.concat(ray.get(map_groups(refs, "key", 5, _rank_in_group, max_parallel_reduces=1)))
+    pd.testing.assert_frame_equal(_canon(got), _canon(want))
+
+    task = ray.remote(lambda i: (i, 1)).options(num_returns=2)
+    submitted: list = []
+
+    def submit(i):
+        if submitted:  # the earlier tasks not finished yet, by a look of our own (it can only see more done)
+            done, _ = ray.wait(submitted, num_returns=len(submitted), timeout=0)
+            assert len(submitted) - len(done) < 2, f"task {i} submitted with {len(submitted) - len(done)} in flight"
+        out = task.remote(i)
+        submitted.append(out[1])
+        return out
+
+    outs = _run_windowed(submit, 6, 2, False, "t")
+    assert [ray.get(a) for a, _ in outs] == list(range(6))
+    with pytest.raises(ValueError, match="max_parallel_reduces"):
+        map_groups(refs, "key", 5, _rank_in_group, max_parallel_reduces=-1)
 
 
 def test_block_partials_one_result_per_block(ray_session):
