@@ -254,8 +254,15 @@ class FeatureState:
     def _activity(self, uk: np.ndarray, ts: np.ndarray) -> None:
         if not len(uk):
             return
-        f = pd.DataFrame({"u": uk, "d": ts // DAY, "t": ts}).groupby(["u", "d"])["t"].agg(["min", "max"])
-        for (u, d), (lo, hi) in zip(f.index.tolist(), f.to_numpy().tolist(), strict=True):
+        # first and last event time per (user, day), by one sort (a served slate is one group: no
+        # DataFrame group-by per request, which cost ~1 ms of the replica's loop)
+        day = ts // DAY
+        order = np.lexsort((ts, day, uk))
+        uk, day, ts = uk[order], day[order], ts[order]
+        start = np.flatnonzero(np.r_[True, (uk[1:] != uk[:-1]) | (day[1:] != day[:-1])])
+        end = np.r_[start[1:], len(ts)] - 1
+        for u, d, lo, hi in zip(uk[start].tolist(), day[start].tolist(), ts[start].tolist(), ts[end].tolist(),
+                                strict=True):
             days = self._act_online.get(u)
             if days is None:
                 days = self._act_online[u] = {int(r[0]): [int(r[1]), int(r[2])] for r in self._base_activity(u)}

@@ -212,15 +212,17 @@ class Funnel:
                                   self.store.item_keys(req.candidates), req.k, ts)
         return Items(items=_pick(req.candidates, res.pos), scores=res.scores.tolist(), model_version=v)
 
-    async def _funnel(self, alias: str, req: RecommendRequest, ts: int) -> tuple[list[str], list[float], dict[str, str]]:
-        """retrieve → pre-rank → rank on item keys; the slate's ids, scores and stage versions."""
+    async def _funnel(self, alias: str, req: RecommendRequest, ts: int
+                      ) -> tuple[np.ndarray, list[str], list[float], dict[str, str]]:
+        """retrieve → pre-rank → rank on item keys; the slate's keys, ids, scores and stage versions."""
         a = self.args.serve
         u, hist, hist_ts = self._user(req, ts)
         got, rv = await self._call("retriever", alias, "retrieve_keys", u, hist, a.retrieve_top_n, ts)
         pre, pv = await self._call("preranker", alias, "prerank_keys", u, hist, got, a.prerank_top_m, ts)
         out, kv = await self._call("ranker", alias, "rank_keys", u, hist, hist_ts, pre.keys, req.k, ts,
                                    pre.scores if a.prerank_weight else None)
-        return self.store.item_ids(out.keys), out.scores.tolist(), {"retriever": rv, "preranker": pv, "ranker": kv}
+        return out.keys, self.store.item_ids(out.keys), out.scores.tolist(), {"retriever": rv, "preranker": pv,
+                                                                             "ranker": kv}
 
     @api.post("/recommend")
     async def recommend(self, req: RecommendRequest, authorization: str | None = Header(None)) -> Recommendation:
@@ -232,13 +234,14 @@ class Funnel:
         variant = self.args.abtest.variants.get(arm, "popularity")
         rid = uuid.uuid4().hex
         if variant == "popularity":
-            items, scores, stages, versions = self.popular[: req.k], list(np.linspace(1, 0.5, req.k)), {}, ""
+            keys, items = self.store.popular[: min(req.k, 100)], self.popular[: req.k]
+            scores, stages, versions = list(np.linspace(1, 0.5, len(items))), {}, ""
         else:
-            items, scores, stages = await self._funnel(variant.split("@", 1)[1], req, ts)
+            keys, items, scores, stages = await self._funnel(variant.split("@", 1)[1], req, ts)
             versions = _versions(self.args, stages)
         self.served.add(rid, Served(req.user_id, arm, items, versions, ts))
         self.log.exposures(req.user_id, items, ts, rid, arm, versions)
-        self.store.observe_exposures(self.store.user_key(req.user_id, create=True), self.store.item_keys(items), ts)
+        self.store.observe_exposures(self.store.user_key(req.user_id, create=True), keys, ts)
         return Recommendation(items=items, scores=scores, request_id=rid, arm=arm, stages=stages)
 
     @api.post("/feedback")

@@ -113,6 +113,23 @@ def test_a_user_born_online_accumulates_state_and_unknown_items_do_not(tiny_proc
     assert rows["item_age_days"][1] == -1.0  # an unknown item's release is unknown
 
 
+def test_online_activity_keeps_each_user_day_s_first_and_last_event(tiny_processed):
+    """`FeatureState._activity` (one sort, no group-by) against a pandas group-by of the same events."""
+    state = FeatureState.load(tiny_processed)
+    rng = np.random.default_rng(3)
+    users = rng.choice(np.arange(1, min(state.n_users, 40)), 6, replace=False)
+    uk = rng.choice(users, 300)
+    ts = state.as_of + rng.integers(0, 5 * 86_400, 300)
+    base = {int(u): {int(r[0]): [int(r[1]), int(r[2])] for r in state._base_activity(int(u))} for u in users}
+    state.observe_activity(uk[:150], ts[:150])
+    state.observe_activity(uk[150:], ts[150:])  # a second batch merges with the first
+    want = pd.DataFrame({"u": uk, "d": ts // 86_400, "t": ts}).groupby(["u", "d"])["t"].agg(["min", "max"])
+    for (u, d), (lo, hi) in zip(want.index.tolist(), want.to_numpy().tolist(), strict=True):
+        old = base[u].get(d)
+        assert state._act_online[u][d] == ([lo, hi] if old is None else [min(old[0], lo), max(old[1], hi)])
+    assert sorted(state._act_online) == sorted(int(u) for u in users)
+
+
 def test_active_days_count_the_window_s_edges_by_event_time():
     from pipeline.state import _active_days
 
