@@ -226,22 +226,6 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def forward_shared(self, x: Tensor) -> Tensor:
-        """`forward` for rows (N, d_in) of one request (one user's candidates): the input columns equal
-        in every row — the user's and the context's fields — enter the first layer once, folded into
-        its bias (b + W_S x_S), and only the varying columns are multiplied per row. The same function
-        up to float summation order; on the small world's pre-ranker 192 of 352 columns are shared,
-        so the first layer does 45% of its work (benchmarks/RESULTS.md, "Serving load")."""
-        first = self.net[0]
-        if x.shape[0] < 2 or not isinstance(first, nn.Linear) or first.bias is None:
-            return self.net(x)
-        same = (x == x[:1]).all(0)  # (d_in,)
-        if not bool(same.any()):
-            return self.net(x)
-        w = first.weight
-        bias = torch.addmv(first.bias, w[:, same], x[0, same])
-        return self.net[1:](torch.addmm(bias, x[:, ~same], w[:, ~same].t()))
-
 
 class TargetAttention(nn.Module):
     """DIN's local activation unit: a = MLP([q, k, q−k, q⊙k]) per behavior; pooled = Σ a_j k_j.

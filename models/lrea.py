@@ -161,9 +161,7 @@ class LREA(RankingModel):
         """Logits (N,) of candidate rows (their non-sequence fields) with the absorbed interest."""
         emb = self.embedding(candidates | _empty_history(candidates, self.spec.seq_len))
         interest = self.interest_serve(cache, emb.target(), user)
-        x = torch.cat([emb.fields.flatten(1), interest], -1)
-        # one user (the server's case): the user's and context's fields are the same in every row
-        return (self.mlp.forward_shared(x) if user is None else self.mlp(x)).squeeze(-1)
+        return self.mlp(torch.cat([emb.fields.flatten(1), interest], -1)).squeeze(-1)
 
 
 def _empty_history(batch: dict[str, Tensor], L: int) -> dict[str, Tensor]:

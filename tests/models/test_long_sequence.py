@@ -175,31 +175,3 @@ def test_the_absorbed_path_is_still_what_serving_gap_measures(spec):
     m = _signed(spec, rank=8)
     short = make_batch(spec, B=8, seed=3, lens=[0, 1, 3, 2, 1, 2, 3, 1])
     assert serving_gap(m, short)["interest_rel_gap"] > 1e-3
-
-
-def test_the_shared_column_fold_is_the_mlp_itself():
-    """`MLP.forward_shared`: columns equal in every row folded into the first layer's bias give the
-    same outputs as `forward`, with some, none or all columns shared, and for one row."""
-    from models.layers import MLP
-
-    torch.manual_seed(0)
-    mlp = MLP(12, [16, 8], 1).eval()
-    x = torch.randn(30, 12)
-    x[:, [0, 3, 4, 11]] = torch.randn(4)  # the user's fields: one value for every candidate
-    for rows in (x, torch.randn(30, 12), x[:, [0, 3, 4, 11]].repeat(1, 3), x[:1]):
-        assert torch.allclose(mlp.forward_shared(rows), mlp(rows), atol=1e-5)
-
-
-def test_one_user_scores_fold_the_users_fields_and_equal_the_indexed_path(spec):
-    """`LREA.score` for one user's candidates (the fold of the shared fields) = the per-row path."""
-    torch.manual_seed(1)
-    m = LREA(spec, LREAConfig.tiny()).eval()
-    batch = make_batch(spec, B=9, seed=5, lens=[spec.seq_len] * 9)
-    one = {k: (v[1:2].expand(9, *v.shape[1:]) if k.startswith(("user", "u_", "hour", "dow")) else v)
-           for k, v in batch.items()}  # one user's rows: its fields repeated, the candidates' vary
-    with torch.no_grad():
-        cache = m.absorb_batch({k: v[1:2] for k, v in one.items()})
-        cand = {k: v for k, v in one.items() if not k.startswith("hist_")}
-        fast = m.score(cache, cand)
-        slow = m.score(cache, cand, torch.zeros(9, dtype=torch.long))
-    assert torch.allclose(fast, slow, atol=1e-5) and fast.std() > 0
