@@ -102,8 +102,8 @@ class DataConfig:
     negative_sampling: Literal["uniform", "popularity"] = "popularity"
     ctr_prior_strength: float = 20.0  # smoothing of past-only click-through rates
     num_partitions: int = 8  # partitions of the user and item shuffles (pipeline/shuffle.py)
-    # reduce tasks of a shuffle in flight at once (0 = as many as the CPUs run); 1 bounds a
-    # memory-bound ingest's peak at the cost of its time (benchmarks/RESULTS.md, "Bounded memory")
+    # a shuffle's reduce tasks, and the per-partition writes, in flight at once (0 = as many as the
+    # CPUs run); 1 bounds a memory-bound ingest's peak (benchmarks/RESULTS.md, "Bounded memory")
     max_parallel_reduces: int = 0
     progress: bool = True
 

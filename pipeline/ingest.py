@@ -335,7 +335,7 @@ def _ingest_ray(cfg: FunnelConfig, out: Path, raw: RawTables | None) -> dict[str
     clock.mark("item pass")
     # one task per finalised partition writes its three outputs and returns its output statistics
     summary, moments = combine_output_stats(block_partials(
-        [(r, None) for r in fin_refs], _write_and_stats, index_arg="part",
+        [(r, None) for r in fin_refs], _write_and_stats, index_arg="part", max_in_flight=d.max_parallel_reduces,
         fn_kwargs={"out": str(out), "ft": ft, "n_hard": d.max_hard_negatives, "profile": cat.profile_fields}))
     del fin_refs
     write_state(out, us["state"], as_of, d.ctr_prior_strength, d.long_len, d.short_len)

@@ -65,16 +65,23 @@ def _partial(block: Any, rows: tuple[int, int] | None, columns: list[str] | None
 
 def block_partials(blocks: list[tuple[Any, tuple[int, int] | None]], fn: Callable[..., Any],
                    fn_kwargs: dict | None = None, *, columns: list[str] | None = None, pre: Fn | None = None,
-                   pre_kwargs: dict | None = None, index_arg: str | None = None) -> list[Any]:
+                   pre_kwargs: dict | None = None, index_arg: str | None = None, max_in_flight: int = 0) -> list[Any]:
     """`fn(pre(block)[columns], **fn_kwargs)` for every block, one task each, brought back to the
     driver; with `index_arg`, each call also gets the block's position under that name. Use it for
-    catalogue-sized results (partial statistics), never for event-sized ones."""
+    catalogue-sized results (partial statistics), never for event-sized ones. `max_in_flight` (0 = no
+    cap): at most that many tasks at once, for tasks that hold a whole partition (the writes)."""
     import ray
 
     task = ray.remote(_partial)
     pre_kw, fn_kw = ray.put(pre_kwargs or {}), ray.put(fn_kwargs or {})
-    return ray.get([task.remote(ref, rows, columns, pre, pre_kw, fn, fn_kw, {index_arg: i} if index_arg else {})
-                    for i, (ref, rows) in enumerate(blocks)])
+
+    def submit(i: int) -> Any:
+        ref, rows = blocks[i]
+        return task.remote(ref, rows, columns, pre, pre_kw, fn, fn_kw, {index_arg: i} if index_arg else {})
+
+    if max_in_flight <= 0 or max_in_flight >= len(blocks):
+        return ray.get([submit(i) for i in range(len(blocks))])
+    return ray.get(_run_windowed(submit, len(blocks), max_in_flight, False, "", ready=lambda out: out))
 
 
 def _split(block: Any, rows: tuple[int, int] | None, pre: Fn | None, pre_kwargs: dict, key: str,
@@ -133,20 +140,20 @@ def map_groups(blocks: list[tuple[Any, tuple[int, int] | None]], key: str, num_p
     return [frame for (frame, _), n in zip(outs, counts, strict=True) if n]
 
 
-def _run_windowed(submit: Callable[[int], tuple[Any, Any]], n: int, window: int, progress: bool,
-                  desc: str) -> list[tuple[Any, Any]]:
-    """`submit(i)` for i in 0..n-1 with at most `window` tasks in flight (each returns (frame ref,
-    row-count ref); the count ref says it finished); waits for all of them."""
+def _run_windowed(submit: Callable[[int], Any], n: int, window: int, progress: bool, desc: str,
+                  ready: Callable[[Any], Any] = lambda out: out[1]) -> list[Any]:
+    """`submit(i)` for i in 0..n-1 with at most `window` tasks in flight; waits for all of them.
+    `ready(out)`: the ref of a submission that says it finished (default: a reduce's row count)."""
     import ray
     from tqdm import tqdm
 
-    outs: list[tuple[Any, Any]] = []
+    outs: list[Any] = []
     with tqdm(total=n, desc=desc, unit="partition", disable=not progress) as bar:
         pending: list[Any] = []
         while len(outs) < n or pending:
             while len(outs) < n and len(pending) < window:
                 outs.append(submit(len(outs)))
-                pending.append(outs[-1][1])
+                pending.append(ready(outs[-1]))
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
     return outs

@@ -103,3 +103,5 @@ def test_block_partials_one_result_per_block(ray_session):
     refs = [(ray_session.put(b), None) for b in blocks]
     got = block_partials(refs, lambda d, k: int(d["ts"].sum()) * k, {"k": 3}, columns=["ts"], pre=_drop_odd)
     assert got == [int(_drop_odd(b)["ts"].sum()) * 3 for b in blocks]
+    capped = block_partials(refs, lambda d, k, i: (i, len(d) * k), {"k": 2}, index_arg="i", max_in_flight=1)
+    assert capped == [(i, len(b) * 2) for i, b in enumerate(blocks)]  # one at a time: same results, in order
