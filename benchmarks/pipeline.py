@@ -9,7 +9,9 @@ outputs (identical fingerprints are checked), each in its own subprocess so
 peak memory is clean: the sum of PSS over the process tree (driver, Ray's
 raylet, GCS and workers; the object store's shared pages are counted once),
 sampled every 0.2 s. The second part ingests an input about 3x larger than a
-deliberately small object store and reports peak memory and bytes spilled.
+deliberately small object store and reports peak memory and bytes spilled, with what a
+memory-bound ingest sets: 32 partitions and one reduce (and one write) in flight
+(`data.max_parallel_reduces: 1`); `--bounded-partitions` and `--bounded-reduces` change them.
 
 Prints a table and writes benchmarks/out/pipeline.json.
 """
@@ -214,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bounded", action="store_true")
     p.add_argument("--skip-scaling", action="store_true", help="only --users, not also /4 and x4")
     p.add_argument("--only-bounded", action="store_true", help="only the bounded-memory run")
-    p.add_argument("--bounded-partitions", type=int, default=16,
+    p.add_argument("--bounded-partitions", type=int, default=32,
                    help="data.num_partitions of the bounded-memory run (more partitions, smaller groups)")
-    p.add_argument("--bounded-reduces", type=int, nargs="+", default=[0],
+    p.add_argument("--bounded-reduces", type=int, nargs="+", default=[1],
                    help="data.max_parallel_reduces of the bounded-memory run, one run per value in this order "
                         "(0 = no cap; e.g. 0 1 0 1 alternates the two, side by side)")
     p.add_argument("--max-reduces", type=int, default=0, help=argparse.SUPPRESS)
