@@ -121,6 +121,8 @@ def map_groups(blocks: list[tuple[Any, tuple[int, int] | None]], key: str, num_p
     bounds the peak memory of a memory-bound run at the cost of its wall time."""
     import ray
 
+    if max_parallel_reduces < 0:
+        raise ValueError(f"data.max_parallel_reduces must be >= 0 (0 = no cap), got {max_parallel_reduces}")
     P = max(1, int(num_partitions))
     split = ray.remote(_split).options(num_returns=P)
     reduce = ray.remote(_reduce).options(num_returns=2)
@@ -128,8 +130,6 @@ def map_groups(blocks: list[tuple[Any, tuple[int, int] | None]], key: str, num_p
     mapped = [split.remote(ref, rows, pre, pre_kw, key, P) for ref, rows in blocks]
     if P == 1:
         mapped = [[m] for m in mapped]
-    if max_parallel_reduces < 0:
-        raise ValueError(f"data.max_parallel_reduces must be >= 0 (0 = no cap), got {max_parallel_reduces}")
 
     def submit(i: int, parts: list = mapped) -> tuple[Any, Any]:
         return reduce.remote(key, fn, fn_kw, post, post_kw, *[m[i] for m in parts])
