@@ -85,6 +85,7 @@ def test_every_other_model_runs_the_same_loop_with_num_workers_0(ray_session, ti
     assert 0.0 <= res.metrics[metric] <= 1.0 and res.metrics["train_loss"] > 0
 
 
+@pytest.mark.slow  # ~52 s (a worker group restarted): `make test` on a fresh clone reached 9:32 of its 10 minutes
 def test_resume_after_the_worker_is_killed(ray_session, tiny_cfg, tiny_data, tmp_path):
     """A real failure, nothing injected into the loop: the Ray Train worker process is SIGKILLed
     once Ray has registered its first checkpoint; Ray restarts the worker group (FailureConfig)
