@@ -234,7 +234,8 @@ class Funnel:
         variant = self.args.abtest.variants.get(arm, "popularity")
         rid = uuid.uuid4().hex
         if variant == "popularity":
-            keys, items = self.store.popular[: min(req.k, 100)], self.popular[: req.k]
+            items = self.popular[: req.k]
+            keys = self.store.popular[: len(items)]  # self.popular is these keys' ids
             scores, stages, versions = list(np.linspace(1, 0.5, len(items))), {}, ""
         else:
             keys, items, scores, stages = await self._funnel(variant.split("@", 1)[1], req, ts)
