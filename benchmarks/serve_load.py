@@ -41,7 +41,7 @@ from jobs.common import init_ray
 
 SLO_MS = 100.0
 GROUPS = (("ingress", "ServeReplica:funnel:Funnel"), ("stages", "ServeReplica:funnel:"), ("proxy", "ProxyActor"),
-          ("state actor", "StateActor"))
+          ("state actor", "StateActor"), ("state actor", "StateLog"))
 
 
 def _cpu_seconds() -> dict[str, float]:

@@ -232,10 +232,13 @@ class ServeConfig:
     served_requests: int = 100_000  # request ids the ingress remembers for /feedback (LRU; ~1 KB each)
     # the online feature state (pipeline/state.py) and the served-request registry: "local" = each
     # replica its own (one ingress replica, the default); "actor" = one named Ray actor every ingress
-    # and stage replica reads and updates (several replicas: serving/state_store.py)
-    state_backend: Literal["local", "actor"] = "local"
-    state_actor: str = "funnel-state"  # the actor's name (namespace "funnel") with state_backend "actor"
-    ingress_replicas: int = 1  # more than 1 needs state_backend "actor" (a click must find its slate)
+    # and stage replica reads and updates; "replicated" = a copy in every replica, read in-process, whose
+    # writes the replicas exchange through one named actor every state_sync_ms (serving/state_store.py)
+    state_backend: Literal["local", "actor", "replicated"] = "local"
+    state_actor: str = "funnel-state"  # the actor's name (namespace "funnel") with state_backend "actor" or "replicated"
+    state_sync_ms: float = 20.0  # "replicated": how often a replica sends its writes and applies the others'
+    state_log_max_events: int = 2_000_000  # "replicated": the writes the actor keeps for a replica that starts
+    ingress_replicas: int = 1  # more than 1 needs state_backend "actor" or "replicated" (a click must find its slate)
     # after start-up, freeze the replica's heap out of the cyclic collector (serving/pauses.py): a full
     # collection otherwise walks ~350k imported objects, a ~330 ms stop for every request behind it
     gc_freeze: bool = True

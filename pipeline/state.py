@@ -17,7 +17,10 @@ exactly. An unknown item (key 0) is never updated. A user the log does not have 
 server writes about them: `online_key(user_id, create=True)` gives them a key of their own past the
 catalogue's (at most MAX_ONLINE_USERS), so their clicks and exposures accumulate like anyone's.
 
-Shared by several replicas: `serving.state_store.StateActor` holds one `FeatureState` in a Ray actor.
+Shared by several replicas: `serving.state_store.StateActor` holds one `FeatureState` in a Ray actor;
+or each replica holds a copy and the copies exchange their writes (`serving.state_store.ReplicatedState`):
+every write is commutative (counters add, clicks insert in time order, activity keeps a day's first and
+last event), so copies that have applied the same writes in any order hold the same state.
 """
 
 from __future__ import annotations
@@ -215,6 +218,12 @@ class FeatureState:
             if not k and create and len(self._online_users) < MAX_ONLINE_USERS:
                 k = self._online_users[user_id] = self.n_users + len(self._online_users)
             return k
+
+    def adopt_online_key(self, user_id: str, key: int) -> None:
+        """Record the key another process gave a user born online (serving.state_store's replicated
+        backend: the keys are handed out by one actor, so that every replica's copy agrees)."""
+        with self._lock:
+            self._online_users.setdefault(user_id, int(key))
 
     def observe_exposures(self, user_key: np.ndarray, item_key: np.ndarray, ts: np.ndarray) -> None:
         """Logged exposures (a served slate: one user, its items, one ts; or many rows at once)."""

@@ -50,9 +50,12 @@ def build_app(args: FunnelArgs) -> serve.Application:
     aliases = arm_aliases(args)  # a variant that is neither popularity nor funnel@<alias>: an error here
     if args.serve.ingress_replicas < 1:
         raise ValueError(f"serve.ingress_replicas must be at least 1, got {args.serve.ingress_replicas}")
-    if args.serve.ingress_replicas > 1 and args.serve.state_backend != "actor":
+    if args.serve.ingress_replicas > 1 and args.serve.state_backend == "local":
         raise ValueError(f"serve.ingress_replicas={args.serve.ingress_replicas} needs serve.state_backend: actor "
-                         "(with per-replica state a /feedback click can reach a replica that never served its slate)")
+                         "or replicated (with per-replica state a /feedback click can reach a replica that never "
+                         "served its slate)")
+    if args.serve.state_backend == "replicated" and not args.serve.state_sync_ms > 0:
+        raise ValueError(f"serve.state_sync_ms must be > 0 with state_backend replicated, got {args.serve.state_sync_ms}")
     opts = {"ray_actor_options": {"num_cpus": args.serve.replica_cpus, **replica_runtime_env(args.serve)},
             "logging_config": {"enable_access_log": args.serve.access_log},
             "max_ongoing_requests": args.serve.max_ongoing_requests}

@@ -117,11 +117,9 @@ class Funnel:
         self.args = args
         self.token = read_token(args.serve.token_file)
         self.router = ArmRouter(args.abtest.arms, args.abtest.salt)
-        shared = None
-        if args.serve.state_backend == "actor":  # one state and registry for every replica
-            from serving.state_store import shared_state
+        from serving.state_store import state_backend
 
-            shared = shared_state(args.data_dir, args.serve.state_actor, args.serve.served_requests)
+        shared = state_backend(args)
         self.store = FeatureStore(args.data_dir, state=shared[0] if shared else None)
         self.local = stages is None
         if stages is None:
@@ -252,6 +250,9 @@ class Funnel:
         self._auth(authorization, required=True)
         ts = self._ts(req.ts)
         got = self.served.get(req.request_id)
+        if got is None and not getattr(self.served, "wait_add", True):  # a slate registered without waiting
+            await asyncio.sleep(self.served.retry_s)
+            got = self.served.get(req.request_id)
         if got is None:
             raise HTTPException(404, f"request_id {req.request_id[:64]!r} was not served by this funnel "
                                      f"(or is older than the last {self.args.serve.served_requests} requests)")
@@ -278,6 +279,9 @@ class Funnel:
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
+        close = getattr(getattr(getattr(self, "store", None), "state", None), "close", None)
+        if close is not None:  # the replicated state's queued writes reach the other replicas
+            close()
 
     @api.post("/flush")
     def flush(self, authorization: str | None = Header(None)) -> dict[str, str]:

@@ -109,17 +109,15 @@ def _batched(method, args: FunnelArgs):
 
 def _store(args: FunnelArgs, store=None):
     """The colocated ingress's store, else this replica's own (reading the shared state with
-    serve.state_backend "actor")."""
+    serve.state_backend "actor", a copy of it with "replicated")."""
     from serving.features import FeatureStore
 
     if store is not None:
         return store
-    state = None
-    if args.serve.state_backend == "actor":
-        from serving.state_store import shared_state
+    from serving.state_store import state_backend
 
-        state = shared_state(args.data_dir, args.serve.state_actor, args.serve.served_requests)[0]
-    return FeatureStore(args.data_dir, state=state)
+    shared = state_backend(args)
+    return FeatureStore(args.data_dir, state=shared[0] if shared else None)
 
 
 @serve.deployment

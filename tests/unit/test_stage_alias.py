@@ -44,3 +44,6 @@ def test_several_ingress_replicas_need_the_shared_state(tmp_path):
     with pytest.raises(ValueError, match="state_backend: actor"):
         build_app(FunnelArgs(data_dir=str(tmp_path), serve=ServeConfig(ingress_replicas=2,
                                                                        token_file=str(tmp_path / "token"))))
+    with pytest.raises(ValueError, match="state_sync_ms"):
+        build_app(FunnelArgs(data_dir=str(tmp_path), serve=ServeConfig(
+            ingress_replicas=2, state_backend="replicated", state_sync_ms=0, token_file=str(tmp_path / "token"))))

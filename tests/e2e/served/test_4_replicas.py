@@ -9,11 +9,14 @@ import requests
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]  # the e2e fixture runs every stage
 
 
-def test_two_ingress_replicas_share_one_online_state(user_ids, served, e2e_run, tmp_path):
-    """serve.state_backend "actor" (serving/state_store.py), a second app with two ingress replicas:
-    a slate served by either replica takes its click through either, and every replica then reads the
-    same counters and the user's history."""
+@pytest.mark.parametrize("backend", ["actor", "replicated"])
+def test_two_ingress_replicas_share_one_online_state(backend, user_ids, served, e2e_run, tmp_path):
+    """serve.state_backend "actor" or "replicated" (serving/state_store.py), a second app with two
+    ingress replicas: a slate served by either replica takes its click through either, and every
+    replica then reads the same counters and the user's history (with "replicated", once the copies
+    have synced: serve.state_sync_ms)."""
     import dataclasses
+    import time
 
     from ray import serve
 
@@ -23,12 +26,12 @@ def test_two_ingress_replicas_share_one_online_state(user_ids, served, e2e_run, 
 
     cfg = load_config(e2e_run["args"][1], e2e_run["args"][3::2])
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(
-        cfg.serve, state_backend="actor", state_actor="funnel-state-two-replicas", ingress_replicas=2,
-        user_code_thread=True,  # Serve's own default, so both settings are served in the suite
+        cfg.serve, state_backend=backend, state_actor=f"funnel-state-two-replicas-{backend}", ingress_replicas=2,
+        user_code_thread=backend == "actor",  # Serve's own default, so both settings are served in the suite
         event_log=str(tmp_path / "events"), token_file=str(e2e_run["root"] / "runs" / "serve_token")))
     args = args_from_config(cfg, str(e2e_run["processed"]))
-    serve.run(build_app(args), name="shared", route_prefix="/shared")
-    url = f"{e2e_run['proxy_url']}/shared"
+    serve.run(build_app(args), name=f"shared-{backend}", route_prefix=f"/shared-{backend}")
+    url = f"{e2e_run['proxy_url']}/shared-{backend}"
     auth = {"Authorization": f"Bearer {(e2e_run['root'] / 'runs' / 'serve_token').read_text().strip()}"}
     try:
         def by_replica() -> dict[str, dict]:
@@ -41,8 +44,8 @@ def test_two_ingress_replicas_share_one_online_state(user_ids, served, e2e_run, 
             return seen
 
         before = by_replica()
-        assert len(before) == 2 and all(s["backend"] == "actor" for s in before.values()), before
-        assert requests.get(f"{url}/healthz", timeout=30).json()["user_code_thread"] is True
+        assert len(before) == 2 and all(s["backend"] == backend for s in before.values()), before
+        assert requests.get(f"{url}/healthz", timeout=30).json()["user_code_thread"] is (backend == "actor")
         users = user_ids[:3]
         t = 1_702_000_000
         for i, user in enumerate(users * 4):  # slates and clicks land on either replica
@@ -51,12 +54,17 @@ def test_two_ingress_replicas_share_one_online_state(user_ids, served, e2e_run, 
                                                        "item_id": rec["items"][0], "position": 0, "ts": t + i + 1},
                               headers=auth, timeout=60)
             assert r.status_code == 200 and r.json()["clicks"] == 1, r.text  # the registry is shared too
-        after = by_replica()
         base = next(iter(before.values()))
+        for _ in range(50):  # "replicated": each copy has the other's writes after its next sync
+            after = by_replica()
+            if all(s["online_clicks"] - base["online_clicks"] == 12 for s in after.values()):
+                break
+            time.sleep(0.1)
         assert len(after) == 2
         for rid, s in after.items():
             assert s["online_clicks"] - base["online_clicks"] == 12, (rid, s)
             assert s["exposures"] - base["exposures"] == 36, (rid, s)
+            assert s.get("lost_events", 0) == 0 and s.get("sync_failures", 0) == 0, (rid, s)
         hist = set()
         for _ in range(10):  # the user's fed-back clicks are in the history whichever replica ranks
             r = requests.post(f"{url}/retrieve", json={"user_id": users[0], "n": 5, "ts": t + 100}, timeout=60)
@@ -64,8 +72,8 @@ def test_two_ingress_replicas_share_one_online_state(user_ids, served, e2e_run, 
             hist.add(tuple(r.json()["items"]))
         assert len(hist) == 1  # the same history (hence the same user vector) on both replicas
     finally:
-        serve.delete("shared")
-        shutdown("funnel-state-two-replicas")
+        serve.delete(f"shared-{backend}")
+        shutdown(f"funnel-state-two-replicas-{backend}")
 
 
 def test_killing_the_ingress_replica_loses_no_flushed_event(user_ids, served, tiny_processed, e2e_run):
