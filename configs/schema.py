@@ -248,6 +248,9 @@ class ServeConfig:
     # own, so every request crosses between two threads that share the GIL. /rank at 100 QPS: p99 30-38 ms
     # against 57-3,382 (benchmarks/RESULTS.md, "Serving load", 2026-12-04)
     user_code_thread: bool = False
+    # Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode in the replicas (request-path logs buffered and not echoed
+    # to stderr, handles over gRPC); user_code_thread still decides the loop
+    throughput_optimized: bool = False
 
 
 @dataclass

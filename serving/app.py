@@ -70,10 +70,14 @@ def build_app(args: FunnelArgs) -> serve.Application:
 def replica_runtime_env(serve_cfg) -> dict:
     """The replicas' runtime_env: Serve reads RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD when a
     replica process starts, so `serve.user_code_thread: false` reaches it as an env var of the
-    replica's own (Ray merges a deployment's env_vars with the job's runtime_env)."""
-    if serve_cfg.user_code_thread:
-        return {}
-    return {"runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
+    replica's own (Ray merges a deployment's env_vars with the job's runtime_env). Likewise
+    `serve.throughput_optimized` (Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED: request-path logs buffered, not
+    echoed to stderr, handles over gRPC)."""
+    env = {} if serve_cfg.user_code_thread else {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    if serve_cfg.throughput_optimized:
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+        env.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")  # the mode's own default is 0
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def args_from_config(cfg, data_dir: str | None = None) -> FunnelArgs:

@@ -97,6 +97,13 @@ def _user_code_thread() -> bool:
     return bool(constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD)
 
 
+def _throughput_optimized() -> bool:
+    """Whether this replica runs in Serve's throughput mode (`serve.throughput_optimized`), as Serve read it."""
+    from ray.serve._private import constants
+
+    return bool(constants.RAY_SERVE_THROUGHPUT_OPTIMIZED)
+
+
 def _pick(ids: list[str], pos: np.ndarray) -> list[str]:
     """The request's own ids at the positions a stage chose."""
     return [ids[i] for i in pos.tolist()]
@@ -177,6 +184,7 @@ class Funnel:
                               "failed_flushes": self.log.failed_flushes},
                 "state": self.store.state.counters() | {"backend": self.args.serve.state_backend},
                 "gc": self.pauses.snapshot(), "user_code_thread": _user_code_thread(),
+                "throughput_optimized": _throughput_optimized(),
                 "replica": _replica_id()}
 
     @api.post("/retrieve")

@@ -76,3 +76,8 @@ def test_the_user_code_loop_setting_reaches_the_replicas_as_serves_own_env_var()
     env = replica_runtime_env(ServeConfig())["runtime_env"]["env_vars"]
     assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     assert replica_runtime_env(ServeConfig(user_code_thread=True)) == {}
+    # Serve's throughput mode defaults the loop to the HTTP one: user_code_thread still decides it
+    env = replica_runtime_env(ServeConfig(user_code_thread=True, throughput_optimized=True))["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
+    env = replica_runtime_env(ServeConfig(throughput_optimized=True))["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}

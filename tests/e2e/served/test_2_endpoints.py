@@ -22,6 +22,7 @@ def test_endpoints_compose_and_route(user_ids, served, tiny_processed, auth, e2e
     health = requests.get(f"{url}/healthz", timeout=60).json()
     assert health["colocated"] is True and health["event_log"]["failed_flushes"] == 0
     assert health["user_code_thread"] is False  # serve.user_code_thread's default reached the replica's Serve
+    assert health["throughput_optimized"] is False
     assert health["stage_alias"] == "challenger"  # the tiny config's arms: popularity vs funnel@challenger
 
     items = pd.read_parquet(tiny_processed / "items.parquet")["item_id"].astype(str).tolist()

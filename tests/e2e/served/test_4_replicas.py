@@ -28,6 +28,7 @@ def test_two_ingress_replicas_share_one_online_state(backend, user_ids, served, 
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(
         cfg.serve, state_backend=backend, state_actor=f"funnel-state-two-replicas-{backend}", ingress_replicas=2,
         user_code_thread=backend == "actor",  # Serve's own default, so both settings are served in the suite
+        throughput_optimized=backend == "replicated",  # and Serve's throughput mode
         event_log=str(tmp_path / "events"), token_file=str(e2e_run["root"] / "runs" / "serve_token")))
     args = args_from_config(cfg, str(e2e_run["processed"]))
     serve.run(build_app(args), name=f"shared-{backend}", route_prefix=f"/shared-{backend}")
@@ -45,7 +46,9 @@ def test_two_ingress_replicas_share_one_online_state(backend, user_ids, served, 
 
         before = by_replica()
         assert len(before) == 2 and all(s["backend"] == backend for s in before.values()), before
-        assert requests.get(f"{url}/healthz", timeout=30).json()["user_code_thread"] is (backend == "actor")
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["user_code_thread"] is (backend == "actor")
+        assert health["throughput_optimized"] is (backend == "replicated")
         users = user_ids[:3]
         t = 1_702_000_000
         for i, user in enumerate(users * 4):  # slates and clicks land on either replica
