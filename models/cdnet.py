@@ -202,8 +202,11 @@ class CDNet(RankingModel):
     def interact(self, emb: Embedded) -> ModelOutput:
         """fields (B, F, D), behaviors (B, L, Db) → logits (B,); T = k_max + 1 + F tokens through the Transformer."""
         x, pad, ty, layout = self.tokens(emb)  # (B, T, D), T = k_max + 1 + F
+        # no token absent in any row (one user's request: every row holds the same k core behaviors):
+        # attention without the mask, the same numbers without a masked fill per layer
+        attn_pad = pad if bool(pad.any()) else None
         for blk in self.blocks:
-            x = blk(x, pad, ty)
+            x = blk(x, attn_pad, ty)
         B, d, n_core = x.shape[0], self.cfg.embed_dim, layout["core"]
         core_out = masked_mean(x[:, :n_core], ~pad[:, :n_core]) if n_core else x.new_zeros(B, d)
         dist_out = x[:, n_core] if layout["distribution"] else x.new_zeros(B, d)

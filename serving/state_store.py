@@ -218,7 +218,7 @@ class ReplicatedState:
         else:
             raise ValueError(f"unknown state event {kind!r}")
 
-    def sync(self) -> int:
+    def sync(self, timeout_s: float = 30.0) -> int:
         """Send the queued writes and apply the others'; the number applied (-1: the actor failed, and
         the writes stay queued for the next try)."""
         import ray
@@ -227,7 +227,7 @@ class ReplicatedState:
             with self._out_lock:
                 out, self._outbox = self._outbox, []
             try:
-                got, cursor, lost = ray.get(self.actor.sync.remote(self.id, out, self.cursor), timeout=30)
+                got, cursor, lost = ray.get(self.actor.sync.remote(self.id, out, self.cursor), timeout=timeout_s)
             except Exception:  # the actor is restarting or the cluster is busy: keep the writes
                 with self._out_lock:
                     self._outbox[:0] = out
@@ -249,7 +249,7 @@ class ReplicatedState:
         """Stop the thread after one last sync (what is queued reaches the others)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self.sync()
+        self.sync(timeout_s=5.0)  # a replica's shutdown does not wait long on an actor that is gone
 
 
 def replicated_state(data_dir: str, name: str, served_requests: int, sync_s: float, max_events: int,

@@ -64,7 +64,7 @@ def test_two_copies_converge_to_the_state_of_one_process(ray_session, tiny_proce
         assert served.get("rid-1").items == ["i1", "i2"] and served.claim_id("rid-1", [1, 1, 0]) == [1, 0]
     finally:
         for copy in (a, b):
-            copy._stop.set()
+            copy.close()
         assert shutdown(name)
 
 
@@ -81,5 +81,5 @@ def test_a_replica_past_the_log_s_window_reports_the_writes_it_lost(ray_session,
         assert late.counters()["lost_events"] == 3  # 5 writes, the log keeps 2: said, not hidden
         assert late.local.counters()["exposures"] == _state(tiny_processed).counters()["exposures"] + 2
     finally:
-        a._stop.set()
+        a.close()
         shutdown(name)
