@@ -203,7 +203,7 @@ class ReplicatedState:
         self._queue(("clicks", user_key, item_key, click_ts))
 
     def _queue(self, event: tuple) -> None:
-        e = tuple(np.asarray(x) if isinstance(x, np.ndarray) else x for x in event)
+        e = tuple(np.array(x) if isinstance(x, np.ndarray) else x for x in event)  # a copy: the caller may reuse its array
         with self._out_lock:
             self._outbox.append(e)
 
@@ -256,19 +256,16 @@ def replicated_state(data_dir: str, name: str, served_requests: int, sync_s: flo
                      history=None) -> tuple[ReplicatedState, SharedServed]:
     """This replica's copy of the state (from the ingest's snapshot, then the log) and the shared
     registry, both through the named `StateLog` actor (created by the first replica that asks)."""
-    from pathlib import Path
-
-    import pandas as pd
     import ray
 
     from pipeline.state import FeatureState
 
-    n_users = int(pd.read_parquet(Path(data_dir) / "users.parquet", columns=["user_key"])["user_key"].max()) + 1
+    local = FeatureState.load(data_dir, history)
     actor = ray.remote(StateLog).options(
         name=f"{name}-replicated", namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
         max_concurrency=1,
-    ).remote(n_users, served_requests, max_events)
-    return ReplicatedState(FeatureState.load(data_dir, history), actor, sync_s), SharedServed(actor, wait_add=False)
+    ).remote(local.n_users, served_requests, max_events)  # online keys start past the catalogue's, as in FeatureState
+    return ReplicatedState(local, actor, sync_s), SharedServed(actor, wait_add=False)
 
 
 def shared_state(data_dir: str, name: str, served_requests: int) -> tuple[SharedState, SharedServed]:
