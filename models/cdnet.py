@@ -101,16 +101,24 @@ def select_core(sim: Tensor, mask: Tensor, ratio: float, tau: float) -> tuple[Te
     return idx, selected, hard + soft - soft.detach()
 
 
-def core_behaviors(seq: Tensor, mask: Tensor, sim: Tensor, ratio: float, tau: float) -> tuple[Tensor, Tensor]:
+def core_behaviors(seq: Tensor, mask: Tensor, sim: Tensor, ratio: float, tau: float,
+                   group: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """seq (B, L, Db), mask (B, L), sim (B, L) → the k_max core slots (B, k_max, Db) (rows past a
     row's k are padding) and their (B, k_max) validity. Forward: exactly the selected behaviors.
-    Backward: every valid behavior's soft mask gets a gradient (eq. 3), see the module docstring."""
+    Backward: every valid behavior's soft mask gets a gradient (eq. 3), see the module docstring.
+    `group` (B,): seq holds U distinct histories (U, L, Db) and row b's is seq[group[b]]
+    (`Embedded.group`; forward only)."""
     idx, selected, ste = select_core(sim, mask, ratio, tau)
     if not (torch.is_grad_enabled() and (seq.requires_grad or ste.requires_grad)):
         # no backward pass (serving, evaluation): the forward values alone — the discrete mask (ste is
         # hard + soft − sg(soft), the hard mask up to rounding) and no spill (0 in the forward pass) —
         # without the two (B, L, Db) products (a sixth of CDNet's serving forward: benchmarks/RESULTS.md)
+        if group is not None:  # row b's slot j is behavior idx[b, j] of history group[b]
+            U, L, Db = seq.shape
+            return seq.reshape(U * L, Db)[group[:, None] * L + idx] * selected.unsqueeze(-1), selected
         return seq.gather(1, idx.unsqueeze(-1).expand(-1, -1, seq.shape[-1])) * selected.unsqueeze(-1), selected
+    if group is not None:
+        raise ValueError("core_behaviors: shared histories (group) carry no per-row gradient; embed without them")
     masked = seq * ste.unsqueeze(-1)  # (B, L, Db): the discrete mask applied to the sequence
     chosen = masked.gather(1, idx.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))  # (B, k_max, Db)
     rest = torch.ones_like(ste).scatter(1, idx, (~selected).to(ste.dtype))  # (B, L): 1 where not selected
@@ -150,21 +158,31 @@ class CDNet(RankingModel):
         """The field embedding of the batch without the left padding that no row needs (`trim_history`):
         with k_max = ceil(ratio · the longest history), the same logits and gradients as at the full
         padding (padding is never selected, never counted in the histogram, and masked in attention),
-        at a cost set by the clicks the batch holds, not by L."""
-        return self.embedding(trim_history(batch))
+        at a cost set by the clicks the batch holds, not by L.
+
+        A served batch says which rows share one history (`hist_group`: a request's candidates); without
+        a backward pass the history side (lookup, similarity projection and normalisation) is then
+        computed once per history, not once per candidate (`Embedded.group`), with the same logits."""
+        return self.embedding(trim_history(batch), shared_history=True)
 
     def similarity(self, emb: Embedded) -> Tensor:
         """(B, L) cosine similarity of the target to every behavior (0 at padding)."""
         q = F.normalize(self.proj_sim(emb.target()), dim=-1)  # (B, S)
-        k = F.normalize(self.proj_sim(emb.seq), dim=-1)  # (B, L, S)
-        return torch.einsum("bs,bls->bl", q, k) * emb.seq_mask
+        k = F.normalize(self.proj_sim(emb.seq), dim=-1)  # (B | U, L, S)
+        if emb.group is None:
+            sim = torch.einsum("bs,bls->bl", q, k)
+        elif k.shape[0] == 1:  # one history for every row: one (B, S) × (S, L) product
+            sim = q @ k[0].T
+        else:
+            sim = torch.einsum("bs,bls->bl", q, k[emb.group])
+        return sim * emb.seq_mask
 
     def core_tokens(self, emb: Embedded, sim: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T_core, D) behavior tokens and (B, T_core) padding flags."""
-        seq = emb.seq if emb.seq_age is None else emb.seq + emb.seq_age  # (B, L, Db); the age never enters sim
+        seq = emb.seq if emb.seq_age is None else emb.seq + emb.seq_age  # (B | U, L, Db); the age never enters sim
         if self.cfg.full_sequence:
-            return self.behavior_token(seq), ~emb.seq_mask
-        chosen, selected = core_behaviors(seq, emb.seq_mask, sim, self.cfg.topk_ratio, self.cfg.tau)
+            return emb.row_seq(self.behavior_token(seq)), ~emb.seq_mask
+        chosen, selected = core_behaviors(seq, emb.seq_mask, sim, self.cfg.topk_ratio, self.cfg.tau, emb.group)
         return self.behavior_token(chosen), ~selected  # (B, k_max, D)
 
     def tokens(self, emb: Embedded) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:

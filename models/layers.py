@@ -40,6 +40,10 @@ class Embedded:
 
     fields: (B, F, D) one token per field, in `FeatureSpec.fields` order.
     seq:    (B, L, Db) behaviors, left-padded; seq_mask (B, L) True at valid positions.
+    group:  None, or (B,) int64 when rows share histories (`FieldEmbedding(shared_history=True)` on a
+            batch with `hist_group`: a served request's candidates): row b's behaviors are then
+            seq[group[b]], and `seq` / `seq_age` hold U distinct histories (U, L, Db). Every other
+            field stays per row, seq_mask, seq_cat and seq_age_idx included.
     """
 
     fields: Tensor
@@ -53,6 +57,13 @@ class Embedded:
     # (B, Db) the behaviors' masked mean, when it was pooled at lookup (`FieldEmbedding(pooled_only=True)`,
     # then `seq` is None): what a model that only reads the mean needs, without the (B, L, Db) tensor
     pooled: Tensor | None = None
+    group: Tensor | None = None
+
+    def row_seq(self, x: Tensor) -> Tensor:
+        """(B, ...) the per-row view of a tensor over `seq`'s rows (itself when rows own their histories)."""
+        if self.group is None:
+            return x
+        return x.expand(len(self.group), *x.shape[1:]) if x.shape[0] == 1 else x[self.group]
 
     def target(self) -> Tensor:
         """(B, Db): the target item as item ⊕ category ⊕ brand field embeddings."""
@@ -61,11 +72,13 @@ class Embedded:
     def with_fields(self, fields: Tensor, seq: Tensor | None = None) -> Embedded:
         """The same batch with new field tokens (and, if given, new behavior embeddings)."""
         return Embedded(fields, self.seq if seq is None else seq, self.seq_mask, self.target_index, self.seq_cat,
-                        self.target_cat, self.seq_age, self.seq_age_idx)
+                        self.target_cat, self.seq_age, self.seq_age_idx, group=self.group)
 
     def repeat_interleave(self, fields: Tensor, k: int, seq: Tensor | None = None) -> Embedded:
         """k copies per sample, sample-major (row b·k + j is copy j of sample b), with new fields
         (B·k, F, D) and, if given, new behaviors (B·k, L, Db)."""
+        if self.group is not None:
+            raise ValueError("repeat_interleave on rows that share histories (Embedded.group): embed without it")
         rep = lambda x: None if x is None else x.repeat_interleave(k, dim=0)  # noqa: E731
         return Embedded(fields, rep(self.seq) if seq is None else seq, rep(self.seq_mask), self.target_index,
                         rep(self.seq_cat), rep(self.target_cat), rep(self.seq_age), rep(self.seq_age_idx))
@@ -133,11 +146,16 @@ class FieldEmbedding(nn.Module):
             x = torch.where(drop, torch.ones_like(x), x)
         return x
 
-    def forward(self, batch: dict[str, Tensor], pooled_only: bool = False) -> Embedded:
+    def forward(self, batch: dict[str, Tensor], pooled_only: bool = False, shared_history: bool = False) -> Embedded:
         """`pooled_only`: the behaviors come back as their masked mean only (`Embedded.pooled`,
         `seq` None), summed inside one `embedding_bag` per field with the positions' validity as
         per-sample weights: no (B, L, Db) lookup, concat or product, forward or backward, and
-        equal to `masked_mean(seq, seq_mask)` (padding is masked by position, whatever it holds)."""
+        equal to `masked_mean(seq, seq_mask)` (padding is masked by position, whatever it holds).
+
+        `shared_history`: when the batch has `hist_group` ((B,) int64, equal for rows that hold the
+        same history: serving.funnel.Ranker's one per request) and no gradient is recorded, the
+        behaviors are looked up once per distinct history (`Embedded.group`). With a backward pass the
+        key is ignored: every row gets its own behaviors (their gradients are per row)."""
         cats = [self.tables[n](self.ids(n, batch)) for n in self.spec.categorical]  # F_cat × (B, D)
         num = self.numeric(batch).unsqueeze(-1) * self.num_w + self.num_b  # (B, n_num, D)
         fields = torch.cat([torch.stack(cats, dim=1), num], dim=1)  # (B, F, D)
@@ -149,16 +167,28 @@ class FieldEmbedding(nn.Module):
                                 for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1) / n  # (B, Db)
             return Embedded(fields, None, None, self.target_index, batch["hist_cat_idx"], batch["cat_idx"],
                             pooled=pooled)
-        seq = torch.cat([self.tables[f](batch[s]) for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1)  # (B, L, Db)
+        group, first = None, None
+        if shared_history and "hist_group" in batch and not torch.is_grad_enabled():
+            group, first = distinct_rows(batch["hist_group"])
+        pick = (lambda x: x) if first is None else (lambda x: x.index_select(0, first))
+        seq = torch.cat([self.tables[f](pick(batch[s])) for f, s in zip(ITEM_FIELDS, SEQ_FIELDS, strict=True)], -1)  # (B|U, L, Db)
         L = seq.shape[1]
         seq_mask = history_mask(batch["hist_len"], L)
         age = None
         if self.age is not None:
             if "hist_age_idx" not in batch:
                 raise missing_age("this model (behavior_age=True)")
-            age = self.age(batch["hist_age_idx"])
+            age = self.age(pick(batch["hist_age_idx"]))
         return Embedded(fields, seq, seq_mask, self.target_index, batch["hist_cat_idx"], batch["cat_idx"], age,
-                        batch.get("hist_age_idx"))
+                        batch.get("hist_age_idx"), group=group)
+
+
+def distinct_rows(hist_group: Tensor) -> tuple[Tensor, Tensor]:
+    """`hist_group` (B,) → (group (B,) in 0..U-1, first (U,) one row holding each distinct history)."""
+    ids, group = torch.unique(hist_group, return_inverse=True)
+    first = torch.full((len(ids),), len(hist_group), dtype=torch.long, device=hist_group.device)
+    first = first.scatter_reduce(0, group, torch.arange(len(hist_group), device=hist_group.device), "amin")
+    return group, first
 
 
 def history_mask(hist_len: Tensor, L: int) -> Tensor:

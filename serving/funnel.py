@@ -14,7 +14,8 @@ and tests and the A/B simulation can run them in-process.
 
 `Retriever.retrieve_many` and `Ranker.rank_many` serve several requests with one forward
 pass (the Serve stages feed them through `@serve.batch`); `retrieve` / `rank` are the
-one-request case.
+one-request case. The ranker's batch marks which rows share one history (`hist_group`, one per
+request), so CDNet computes its history side once per request (models/layers.py, `Embedded.group`).
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ class Ranker:
         z = p = np.zeros(0, np.float32)
         if rows:
             batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+            # the rows of one request hold one history: a model may compute its history side once per request
+            batch["hist_group"] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([c for c in sizes if c]))
             logits = self.model(batch).logits.float()
             z, p = logits.numpy(), torch.sigmoid(logits).numpy()
         out, start = [], 0
