@@ -18,7 +18,9 @@ comparison is paired. Per slate the mean *true* click probability over positions
   pre-ranker and ranker could serve), the same among the pre-ranked top m (what a perfect
   ranker could serve), and the ranker over all retrieved candidates (no pre-ranking cut);
 - the pre-ranker's own top k, and the sum of the ranker's and the pre-ranker's logits over the
-  pre-ranked (a two-model ensemble at the last stage);
+  pre-ranked (a two-model ensemble at the last stage); and that sum plus w × the retriever's score
+  (w in RETRIEVAL_WEIGHTS: the three models' ensemble, what `serve.retrieval_weight` w serves
+  with `serve.prerank_weight: 1` but for the pre-rank cut, which stays the served one);
 - ranker over the catalogue (with --catalogue): the ranker's top k of every known item;
 - oracle: the world's own top k for that user and time; and the same blind to the short-term
   interest term, and on the long-term affinity and item bias only (how much of the headroom each
@@ -94,6 +96,11 @@ def hold_numeric(store, prefix: str) -> None:
 
 
 TERMS = ("long-term", "short-term", "dormant", "item bias")
+RETRIEVAL_WEIGHTS = (0.25, 1.0, 4.0)  # the three-model sum's weights on the retriever's score
+
+
+def three_model_row(w: float) -> str:
+    return f"ranker + pre-ranker + {w:g} × retrieval score (sum) over the pre-ranked"
 
 
 def world_terms(world, user: int, item_ids: np.ndarray, ts: int) -> np.ndarray:
@@ -188,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     pos = np.arange(k)
     names = ["popularity", "funnel", "ceiling: world's best k of the retrieved", "ceiling: world's best k of the pre-ranked",
              "ranker over all retrieved (no pre-rank cut)", "pre-ranker's own top k",
-             "ranker + pre-ranker logits (sum) over the pre-ranked", "ranker over the catalogue",
+             "ranker + pre-ranker logits (sum) over the pre-ranked", *map(three_model_row, RETRIEVAL_WEIGHTS),
+             "ranker over the catalogue",
              "oracle blind to the short-term interest", "oracle on long-term affinity + item bias only",
              "oracle (world's top k)"]
     if not a.catalogue:
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     per_user = {n: [] for n in names}
     decomp: dict[str, list] = {"pre-ranker (LREA) over the retrieved": [], "ranker over the pre-ranked": [],
                                "ranker over the retrieved": []}
+    score_sd: list[tuple[float, float, float]] = []  # within-request sd of each stage's score (ranker, pre-ranker, retriever)
     t0 = time.time()
     for u in tqdm(rng.choice(users, min(a.users, len(users)), replace=False), desc="users", unit="user",
                   disable=not sys.stderr.isatty()):
@@ -238,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             fused = np.log(q / (1 - q)) + np.array([lrea[x] for x in full.keys.tolist()])
             sums["ranker + pre-ranker logits (sum) over the pre-ranked"] += float(
                 ctr(np.array([int(x) for x in store.item_ids(full.keys[np.argsort(-fused, kind="stable")[:k]])])).mean())
+            ret = dict(zip(pre.keys.tolist(), got.scores[pre.pos].tolist(), strict=True))  # the retriever's score
+            ret_full = np.array([ret[x] for x in full.keys.tolist()])
+            for w3 in RETRIEVAL_WEIGHTS:
+                top3 = full.keys[np.argsort(-(fused + w3 * ret_full), kind="stable")[:k]]
+                sums[three_model_row(w3)] += float(ctr(np.array([int(x) for x in store.item_ids(top3)])).mean())
+            score_sd.append((float(np.std(np.log(q / (1 - q)))), float(np.std(pre.scores)), float(np.std(ret_full))))
             if len(decomp["ranker over the pre-ranked"]) < 2000:  # ~2,000 requests are plenty for 4 weights
                 def logit(p: np.ndarray) -> np.ndarray:
                     p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
@@ -285,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:<{w}}{v['mean_ctr']:>10.4f}{v['se']:>8.4f}{ci:>34}")
     print(f"users per arm to detect the funnel's lift (α 0.05, power 0.8, {cfg.abtest.requests_per_user} requests "
           f"per user): {need if need else 'no positive lift to detect'}  [{time.time() - t0:.0f} s]")
+    ssd = np.mean(score_sd, axis=0) if score_sd else np.zeros(3)
+    print(f"within-request sd of the scores over the pre-ranked: ranker logit {ssd[0]:.3f}, pre-ranker {ssd[1]:.3f}, "
+          f"retriever {ssd[2]:.3f}")
     weights = {n: term_weights(rows) for n, rows in decomp.items() if rows}
     print("\nwhat each stage's scores carry of the world's logit terms (within-request least squares; the world = 1 each):")
     print(f"{'stage':<40}" + "".join(f"{t:>12}" for t in TERMS) + f"{'R²':>8}")
@@ -293,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"users": a.users, "alias": a.alias, "ranker_uri": a.ranker_uri,
                                        "requests_per_user": cfg.abtest.requests_per_user, "slates": out,
-                                       "users_per_arm_needed": need, "term_weights": weights}, indent=1))
+                                       "users_per_arm_needed": need, "term_weights": weights,
+                                       "score_sd_within_request": dict(zip(("ranker", "preranker", "retriever"),
+                                                                           map(float, ssd), strict=True))}, indent=1))
     return 0
 
 
