@@ -20,7 +20,8 @@ comparison is paired. Per slate the mean *true* click probability over positions
 - the pre-ranker's own top k, and the sum of the ranker's and the pre-ranker's logits over the
   pre-ranked (a two-model ensemble at the last stage); and that sum plus w × the retriever's score
   (w in RETRIEVAL_WEIGHTS: the three models' ensemble, what `serve.retrieval_weight` w serves
-  with `serve.prerank_weight: 1` but for the pre-rank cut, which stays the served one);
+  with `serve.prerank_weight: 1` but for the pre-rank cut, which stays the served one); the retriever's
+  own top k of the retrieved and of the pre-ranked;
 - ranker over the catalogue (with --catalogue): the ranker's top k of every known item;
 - oracle: the world's own top k for that user and time; and the same blind to the short-term
   interest term, and on the long-term affinity and item bias only (how much of the headroom each
@@ -96,7 +97,7 @@ def hold_numeric(store, prefix: str) -> None:
 
 
 TERMS = ("long-term", "short-term", "dormant", "item bias")
-RETRIEVAL_WEIGHTS = (2.0, 5.0, 10.0, 20.0)  # on the retriever's score (its within-request sd is ~0.1 of the ranker logit's)
+RETRIEVAL_WEIGHTS = (5.0, 10.0, 20.0, 40.0, 80.0)  # on the retriever's score (its within-request sd is ~0.1 of the ranker logit's)
 
 
 def three_model_row(w: float) -> str:
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["popularity", "funnel", "ceiling: world's best k of the retrieved", "ceiling: world's best k of the pre-ranked",
              "ranker over all retrieved (no pre-rank cut)", "pre-ranker's own top k",
              "ranker + pre-ranker logits (sum) over the pre-ranked", *map(three_model_row, RETRIEVAL_WEIGHTS),
+             "retriever's own top k of the retrieved", "retriever's own top k of the pre-ranked",
              "ranker over the catalogue",
              "oracle blind to the short-term interest", "oracle on long-term affinity + item bias only",
              "oracle (world's top k)"]
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         names.remove("ranker over the catalogue")
     per_user = {n: [] for n in names}
     decomp: dict[str, list] = {"pre-ranker (LREA) over the retrieved": [], "ranker over the pre-ranked": [],
-                               "ranker over the retrieved": []}
+                               "ranker over the retrieved": [], "retriever over the pre-ranked": []}
     score_sd: list[tuple[float, float, float]] = []  # within-request sd of each stage's score (ranker, pre-ranker, retriever)
     t0 = time.time()
     for u in tqdm(rng.choice(users, min(a.users, len(users)), replace=False), desc="users", unit="user",
@@ -249,9 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                 ctr(np.array([int(x) for x in store.item_ids(full.keys[np.argsort(-fused, kind="stable")[:k]])])).mean())
             ret = dict(zip(pre.keys.tolist(), got.scores[pre.pos].tolist(), strict=True))  # the retriever's score
             ret_full = np.array([ret[x] for x in full.keys.tolist()])
+            lrea_only = fused - s.retrieval_weight * ret_full  # the sum with the pre-ranker's own logit, whatever the config's w
             for w3 in RETRIEVAL_WEIGHTS:
-                top3 = full.keys[np.argsort(-(fused + w3 * ret_full), kind="stable")[:k]]
+                top3 = full.keys[np.argsort(-(lrea_only + w3 * ret_full), kind="stable")[:k]]
                 sums[three_model_row(w3)] += float(ctr(np.array([int(x) for x in store.item_ids(top3)])).mean())
+            for name, cand, sc in (("retriever's own top k of the retrieved", got.keys, got.scores),
+                                   ("retriever's own top k of the pre-ranked", full.keys, ret_full)):
+                sums[name] += float(ctr(np.array([int(x) for x in store.item_ids(cand[np.argsort(-sc, kind="stable")[:k]])])).mean())
             score_sd.append((float(np.std(np.log(q / (1 - q)))), float(np.std(pre.scores)), float(np.std(ret_full))))
             if len(decomp["ranker over the pre-ranked"]) < 2000:  # ~2,000 requests are plenty for 4 weights
                 def logit(p: np.ndarray) -> np.ndarray:
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 allp = preranker.prerank(uk, hist, got, len(got.keys), ts)
                 decomp["pre-ranker (LREA) over the retrieved"].append(
                     (world_terms(world, int(u), np.array([int(x) for x in store.item_ids(allp.keys)]), ts), allp.scores))
+                decomp["retriever over the pre-ranked"].append(
+                    (world_terms(world, int(u), np.array([int(x) for x in store.item_ids(pre.keys)]), ts), got.scores[pre.pos]))
                 for name, cand in (("ranker over the pre-ranked", pre.keys), ("ranker over the retrieved", allp.keys)):
                     r = ranker.rank(uk, hist, cand, len(cand), ts, hist_ts)
                     decomp[name].append((world_terms(world, int(u), np.array([int(x) for x in store.item_ids(r.keys)]), ts),
