@@ -96,6 +96,25 @@ def test_preranking_drops_candidates_not_yet_released(store):
     assert 0 < len(got.keys) < 40 and (store.first_seen[got.keys] <= ts).all()
 
 
+def test_preranker_orders_by_its_logit_plus_the_weighted_retrieval_score(store):
+    """serve.retrieval_weight w: pre-rank score = LREA logit + w · the retriever's score; the top m of that
+    (with serve.prerank_weight 1 also the slate's order: configs/small.yaml's w = 20, the two-tower's 1/τ)."""
+    torch.manual_seed(0)
+    model = build_model("lrea", store.spec, tiny=True)
+    u = int(np.nonzero(store.n_clicks > 0)[0][0])
+    hist, ts = store.user_history(u), int(store.first_seen.max())
+    keys = np.arange(1, 41)
+    ret = np.linspace(1, -1, 40).astype(np.float32)
+    alone = Preranker(model, store).prerank(u, hist, Scored(keys, ret), 40, ts)
+    lrea = dict(zip(alone.keys.tolist(), alone.scores.tolist(), strict=True))
+    got = Preranker(model, store, retrieval_weight=20.0).prerank(u, hist, Scored(keys, ret), 10, ts)
+    want_s = np.array([lrea[x] for x in keys.tolist()]) + 20.0 * ret
+    np.testing.assert_array_equal(got.keys, keys[np.argsort(-want_s, kind="stable")[:10]])
+    np.testing.assert_allclose(got.scores, np.sort(want_s)[::-1][:10], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(keys[got.pos], got.keys)  # pos: where each came from in the input
+    assert not np.array_equal(got.keys, alone.keys[:10])  # the retriever's score moved the cut
+
+
 def test_fed_back_clicks_extend_the_history(store):
     u = int(np.nonzero(store.n_clicks > 3)[0][0])
     logged = store.user_history(u)
