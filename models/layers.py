@@ -341,12 +341,12 @@ class TransformerBlock(nn.Module):
         and checkpoints), written out: softmax(q kᵀ / √d_h + mask) v on (B, heads, T, d_h). The same
         numbers as the module; at CDNet's sizes (T ≈ 27 tokens, d_h = 8) about 2x faster than
         scaled_dot_product_attention and more than the module's fast path, whose masked softmax
-        dominated the serving forward (benchmarks/RESULTS.md, "Serving load"). The heads are made
-        contiguous once (one copy), so the two batched matmuls read packed matrices instead of copying
-        their strided operands each (10% of the attention on the served shape)."""
+        dominated the serving forward (benchmarks/RESULTS.md, "Serving load"). Contiguous heads (one copy
+        before the matmuls) were 10% faster alone on one shape and 9–14% slower in the served forward
+        (session 11): the heads stay strided."""
         a, (B, T, d) = self.attn, h.shape
         qkv = F.linear(h, a.in_proj_weight, a.in_proj_bias).view(B, T, 3, a.num_heads, d // a.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # (B, heads, T, d_h) each
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, T, d_h) each
         s = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, heads, T, T)
         if pad is not None:
             s = s.masked_fill_(pad[:, None, None, :], float("-inf"))
