@@ -58,9 +58,12 @@ def test_two_ingress_replicas_share_one_online_state(backend, user_ids, served, 
                               headers=auth, timeout=60)
             assert r.status_code == 200 and r.json()["clicks"] == 1, r.text  # the registry is shared too
         base = next(iter(before.values()))
-        for _ in range(50):  # "replicated": each copy has the other's writes after its next sync
+        # "replicated": each copy has the other's writes after that one's next sync, so a slate's exposures (written
+        # by the replica that served it) can reach the other copy after the click that copy took itself: wait for both
+        for _ in range(50):
             after = by_replica()
-            if all(s["online_clicks"] - base["online_clicks"] == 12 for s in after.values()):
+            if all(s["online_clicks"] - base["online_clicks"] == 12 and s["exposures"] - base["exposures"] == 36
+                   for s in after.values()):
                 break
             time.sleep(0.1)
         assert len(after) == 2
