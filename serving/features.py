@@ -37,7 +37,9 @@ class FeatureStore:
         self.seq_len = seq_len or self.spec.seq_len
         users = pd.read_parquet(root / "users.parquet", columns=["user_id", "user_key"])
         items = pd.read_parquet(root / "items.parquet", columns=["item_id", "item_key", "first_seen_ts"])
-        self.history = HistoryStore.load(root)
+        # the logged click timelines: those a replicated state copy loaded (`ReplicatedState.history`), else read here
+        held = getattr(state, "history", None) if state is not None else None
+        self.history = held if isinstance(held, HistoryStore) else HistoryStore.load(root)
         self.state = state if state is not None else FeatureState.load(root, self.history)
         # object Indexes, not Arrow strings: a request's lookup of one user or ten items is a hash probe
         # (~1 µs) or one get_indexer (~70 µs) instead of ~210 µs (benchmarks/RESULTS.md, "Serving load")

@@ -170,6 +170,13 @@ class ReplicatedState:
         self._thread.start()
 
     # reads: the local copy
+
+    @property
+    def history(self):
+        """The logged click timelines this copy was loaded with (`pipeline.history.HistoryStore`): the replica's
+        FeatureStore reads these instead of loading them a second time."""
+        return self.local.history
+
     def user_view(self, user_key: int, ts: int, length: int):
         return self.local.user_view(user_key, ts, length)
 

@@ -83,3 +83,21 @@ def test_a_replica_past_the_log_s_window_reports_the_writes_it_lost(ray_session,
     finally:
         a.close()
         shutdown(name)
+
+
+def test_a_replica_s_store_reads_the_click_timelines_its_state_copy_loaded(ray_session, tiny_processed):
+    """One HistoryStore per replica: the FeatureStore built over a replicated copy uses the copy's
+    logged timelines instead of loading them a second time."""
+    from serving.features import FeatureStore
+    from serving.state_store import replicated_state, shutdown
+
+    name = "test-replicated-history"
+    a, _ = replicated_state(str(tiny_processed), name, 100, sync_s=3600.0, max_events=10)
+    try:
+        store = FeatureStore(tiny_processed, state=a)
+        assert store.history is a.local.history
+        u = int(np.nonzero(store.n_clicks > 0)[0][0])
+        np.testing.assert_array_equal(store.user_history(u), FeatureStore(tiny_processed).user_history(u))
+    finally:
+        a.close()
+        shutdown(name)
