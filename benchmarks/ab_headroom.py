@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             full = ranker.rank(uk, hist, pre.keys, len(pre.keys), ts, hist_ts)  # every pre-ranked candidate's p
             lrea = dict(zip(pre.keys.tolist(), pre.scores.tolist(), strict=True))
             q = np.clip(full.scores.astype(np.float64), 1e-6, 1 - 1e-6)
-            fused = np.log(q / (1 - q)) + np.array([lrea[x] for x in full.keys.tolist()])
+            z_rank = np.log(q / (1 - q))  # the ranker's logits, in full's order
+            fused = z_rank + np.array([lrea[x] for x in full.keys.tolist()])
             sums["ranker + pre-ranker logits (sum) over the pre-ranked"] += float(
                 ctr(np.array([int(x) for x in store.item_ids(full.keys[np.argsort(-fused, kind="stable")[:k]])])).mean())
             ret = dict(zip(pre.keys.tolist(), got.scores[pre.pos].tolist(), strict=True))  # the retriever's score
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, cand, sc in (("retriever's own top k of the retrieved", got.keys, got.scores),
                                    ("retriever's own top k of the pre-ranked", full.keys, ret_full)):
                 sums[name] += float(ctr(np.array([int(x) for x in store.item_ids(cand[np.argsort(-sc, kind="stable")[:k]])])).mean())
-            score_sd.append((float(np.std(np.log(q / (1 - q)))), float(np.std(pre.scores)), float(np.std(ret_full))))
+            score_sd.append((float(np.std(z_rank)), float(np.std(pre.scores)), float(np.std(ret_full))))
             if len(decomp["ranker over the pre-ranked"]) < 2000:  # ~2,000 requests are plenty for 4 weights
                 def logit(p: np.ndarray) -> np.ndarray:
                     p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)

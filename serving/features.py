@@ -38,7 +38,7 @@ class FeatureStore:
         users = pd.read_parquet(root / "users.parquet", columns=["user_id", "user_key"])
         items = pd.read_parquet(root / "items.parquet", columns=["item_id", "item_key", "first_seen_ts"])
         # the logged click timelines: those a replicated state copy loaded (`ReplicatedState.history`), else read here
-        held = getattr(state, "history", None) if state is not None else None
+        held = getattr(state, "history", None)
         self.history = held if isinstance(held, HistoryStore) else HistoryStore.load(root)
         self.state = state if state is not None else FeatureState.load(root, self.history)
         # object Indexes, not Arrow strings: a request's lookup of one user or ten items is a hash probe
